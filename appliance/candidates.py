@@ -1,0 +1,75 @@
+"""Candidate explanations: catalogs per product line, plus free text per request."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from appliance.errors import ConfigError
+from appliance.preprocess import check_explanation
+
+CATALOG_DIR = Path(__file__).resolve().parent.parent / "models" / "catalogs"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    id: str
+    facts: dict
+    texts: tuple[str, ...]       # texts[0] is what the operator sees
+    heldout: tuple[str, ...] = ()
+
+    @property
+    def display(self) -> str:
+        return self.texts[0]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    line: str
+    description: str
+    entries: tuple[CatalogEntry, ...]
+
+    @property
+    def displays(self) -> list[str]:
+        return [e.display for e in self.entries]
+
+    def entry_for_text(self, text: str) -> CatalogEntry | None:
+        for entry in self.entries:
+            if text in entry.texts or text in entry.heldout:
+                return entry
+        return None
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"catalog {path} does not exist; list the files in {CATALOG_DIR}")
+    try:
+        data = yaml.safe_load(path.read_text())
+        entries = tuple(_entry(e) for e in data["entries"])
+        catalog = Catalog(str(data["line"]), str(data.get("description", "")), entries)
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"catalog {path} is malformed ({exc}); each entry needs id, facts "
+                          f"and a non-empty list of texts") from None
+    if len({e.id for e in entries}) != len(entries) or not entries:
+        raise ConfigError(f"catalog {path} needs at least one entry and unique entry ids")
+    return catalog
+
+
+def _entry(data: dict) -> CatalogEntry:
+    texts = tuple(check_explanation(t) for t in data["texts"])
+    if not texts:
+        raise ValueError(f"entry {data.get('id')} has no texts")
+    heldout = tuple(check_explanation(t) for t in data.get("heldout", ()))
+    return CatalogEntry(str(data["id"]), dict(data.get("facts", {})), texts, heldout)
+
+
+def merge_candidates(catalog_texts: list[str], extra: list[str] | None) -> list[str]:
+    """Catalog texts followed by request-supplied ones, duplicates dropped, order kept."""
+    seen, merged = set(), []
+    for text in catalog_texts + [check_explanation(t) for t in (extra or [])]:
+        if text not in seen:
+            seen.add(text)
+            merged.append(text)
+    return merged

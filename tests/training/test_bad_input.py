@@ -1,0 +1,74 @@
+"""Bad input ends with one clear message and a non-zero exit, never a traceback."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.errors import BadExplanation, BadFrame, ConfigError
+from appliance.preprocess import check_explanation, decode_image_bytes, read_image
+from training.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "linejudge_cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+def test_unknown_config_key_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\nstages: [{name: text, epochz: 3}]\n")
+    with pytest.raises(ConfigError, match="epochz"):
+        load_config(bad)
+    result = run_cli("train", "--config", str(bad), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "epochz" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_model_key_and_stage(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: {layerz: 2}\nstages: [{name: text}]\n")
+    with pytest.raises(ConfigError, match="layerz"):
+        load_config(bad)
+    bad.write_text("stages: [{name: pretrain}]\n")
+    with pytest.raises(ConfigError, match="pretrain"):
+        load_config(bad)
+
+
+def test_missing_and_corrupt_images(tmp_path):
+    with pytest.raises(BadFrame, match="does not exist"):
+        read_image(tmp_path / "nope.png")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    with pytest.raises(BadFrame, match="could not be decoded"):
+        read_image(corrupt)
+    with pytest.raises(BadFrame, match="empty"):
+        decode_image_bytes(b"")
+
+
+def test_empty_explanation():
+    with pytest.raises(BadExplanation, match="empty"):
+        check_explanation("   ")
+    with pytest.raises(BadExplanation, match="characters"):
+        check_explanation("x" * 100_000)
+
+
+def test_checkpoint_from_another_config(tmp_path):
+    from models.reward_model import STUDENT, TEACHER, ModelLoadError, RewardModel, load_model, save_model
+    from dataclasses import replace
+    small = replace(STUDENT, pretrained_image=False, d_model=32, text_heads=2, fusion_heads=2, text_embed_dim=8)
+    save_model(RewardModel(small), tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="different model config"):
+        load_model(tmp_path / "m", expect=STUDENT)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_model(tmp_path / "m")
+
+
+def test_eval_of_a_missing_model_is_one_line(tmp_path):
+    result = run_cli("eval", "--model", str(tmp_path / "nothing"), "--json", str(tmp_path / "x.json"))
+    assert result.returncode == 2
+    assert "holds no trained model" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,70 @@
+"""A seconds-long recipe run through every stage, then evaluation (litgpt-style)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.config import load_config
+from training.data import elpv
+from training.train import train
+
+TINY = Path(__file__).resolve().parents[2] / "training" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    summary = train(load_config(TINY), out)
+    return out, summary
+
+
+def test_every_stage_trains_every_parameter_and_lowers_the_loss(tiny_run):
+    out, summary = tiny_run
+    assert [s["stage"] for s in summary["stages"]] == ["text", "multimodal", "distill"]
+    for stage in summary["stages"]:
+        assert stage["unchanged_parameters"] == [], stage["stage"]
+        first, last = stage["history"][0]["loss_first"], stage["history"][-1]["loss_last"]
+        assert last < first, f"{stage['stage']}: loss {first:.4f} -> {last:.4f}"
+    for rel in ("text/model", "multimodal/model", "multimodal/proxy", "distill/model"):
+        assert (out / rel / "model.safetensors").exists()
+
+
+def test_test_split_never_reaches_training(tiny_run):
+    out, _ = tiny_run
+    used = set(json.loads((out / "train_ids.json").read_text())["elpv_ids"])
+    split = elpv.load_split()
+    assert used, "the run used no ELPV cells at all"
+    assert used.isdisjoint(split["test"])
+    assert used <= set(split["train"]) | set(split["val"])
+
+
+def test_split_is_stratified_and_fixed():
+    split = elpv.load_split()
+    assert split == {k: v for k, v in elpv.make_split(elpv.read_cells()).items()}
+    n = sum(len(v) for v in split.values())
+    assert n == 2624
+    assert abs(len(split["test"]) / n - 0.25) < 0.01
+    assert not set(split["test"]) & (set(split["train"]) | set(split["val"]))
+
+
+def test_resume_skips_finished_stages(tiny_run):
+    out, summary = tiny_run
+    again = train(load_config(TINY), out)
+    assert [s["val_pairwise_accuracy"] for s in again["stages"]] == \
+           [s["val_pairwise_accuracy"] for s in summary["stages"]]
+
+
+def test_eval_writes_json_with_flat_keys_and_report(tiny_run, tmp_path):
+    out, _ = tiny_run
+    result = subprocess.run([sys.executable, "-m", "linejudge_cli", "eval", "--model", str(out),
+                             "--split", "val", "--json", str(tmp_path / "m.json"), "--limit", "16"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    for key in ("elpv_binary_accuracy", "elpv_level_accuracy", "pairwise_accuracy", "image_swap_accuracy",
+                "heldout_phrasing_accuracy", "ece", "text_only_proxy_accuracy", "teacher_pairwise_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert (tmp_path / "m.html").exists()
+    assert (tmp_path / "m_confusion_levels.png").stat().st_size > 1000

@@ -1,0 +1,118 @@
+"""Candidate-set datasets and batches shared by every stage and by evaluation.
+
+A sample is one frame with C candidate explanations; candidate 0 is the right one (the
+chosen side of C-1 preference pairs). ELPV frames get one phrasing of every catalog entry
+(C = 8); synthetic frames get the truth and hard negatives that differ in one fact (C = 4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from appliance.candidates import Catalog, load_catalog, CATALOG_DIR
+from training.data import elpv, synthetic
+
+EL_CATALOG = CATALOG_DIR / "el_solar.yaml"
+TYPES = ("mono", "poly")
+
+
+def el_catalog() -> Catalog:
+    return load_catalog(EL_CATALOG)
+
+
+def entry_index(catalog: Catalog, level: int, cell_type: str) -> int:
+    for i, entry in enumerate(catalog.entries):
+        if round(entry.facts["level"] * 3) == level and entry.facts["type"] == cell_type:
+            return i
+    raise KeyError((level, cell_type))
+
+
+@dataclass
+class CandidateSet:
+    """Frames (N,S,S) uint8 with their candidates; `texts(i, rng)` picks phrasings."""
+    name: str
+    images: np.ndarray
+    ids: list[str]
+    flippable = True                # synthetic frames are not: a flip moves the defect
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def texts(self, i: int, rng: np.random.Generator, heldout: bool = False, display: bool = False) -> list[str]:
+        raise NotImplementedError
+
+
+@dataclass
+class ElpvSet(CandidateSet):
+    levels: np.ndarray = None       # (N,) 0..3
+    types: list[str] = None
+    catalog: Catalog = None
+
+    def truth(self, i: int) -> int:
+        return entry_index(self.catalog, int(self.levels[i]), self.types[i])
+
+    def texts(self, i, rng, heldout=False, display=False):
+        """The right entry first, then every other entry, one phrasing each."""
+        order = [self.truth(i)] + [j for j in range(len(self.catalog.entries)) if j != self.truth(i)]
+        out = []
+        for j in order:
+            entry = self.catalog.entries[j]
+            pool = entry.heldout if heldout else (entry.texts[:1] if display else entry.texts)
+            out.append(pool[rng.integers(len(pool))])
+        return out
+
+
+@dataclass
+class SyntheticSet(CandidateSet):
+    facts: list = None
+    negatives: list = None          # per frame: list of DefectFacts differing in one fact
+    flippable = False
+
+    def texts(self, i, rng, heldout=False, display=False):
+        truth = synthetic.describe(self.facts[i], rng, heldout=heldout)
+        return [truth] + [synthetic.describe(f, rng, heldout=heldout) for f in self.negatives[i]]
+
+
+def elpv_set(part: str, size: int, limit: int | None = None, types=TYPES, seed: int = 0) -> ElpvSet:
+    cells = [c for c in elpv.cells_for(part, limit=limit, seed=seed) if c.cell_type in types]
+    return ElpvSet(f"elpv-{part}", elpv.load_images(cells, size), [c.id for c in cells],
+                   levels=np.array([c.level for c in cells]), types=[c.cell_type for c in cells],
+                   catalog=el_catalog())
+
+
+def synthetic_set(name: str, n: int, size: int, seed: int, on_elpv_fraction: float,
+                  backgrounds: np.ndarray | None) -> SyntheticSet:
+    rng = np.random.default_rng(seed)
+    images, facts, negatives = np.empty((n, size, size), np.uint8), [], []
+    for i in range(n):
+        use_cell = backgrounds is not None and len(backgrounds) and rng.random() < on_elpv_fraction
+        background = backgrounds[rng.integers(len(backgrounds))] if use_cell else None
+        images[i], f = synthetic.render_sample(rng, size=size, background=background)
+        facts.append(f)
+        negatives.append(synthetic.hard_negatives(f, rng, k=3))
+    return SyntheticSet(name, images, [f"{name}-{i}" for i in range(n)], facts=facts, negatives=negatives)
+
+
+def augment(gray: np.ndarray, rng: np.random.Generator, flips: bool) -> np.ndarray:
+    """Flips and a mild brightness/contrast jitter (uint8 in, uint8 out)."""
+    if flips and rng.random() < 0.5:
+        gray = gray[:, ::-1]
+    if flips and rng.random() < 0.5:
+        gray = gray[::-1, :]
+    gain, bias = rng.uniform(0.85, 1.15), rng.uniform(-12, 12)
+    return np.clip(gray.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
+
+
+def iterate_batches(data: CandidateSet, batch_size: int, rng: np.random.Generator,
+                    train: bool, heldout: bool = False, display: bool = False,
+                    indices: np.ndarray | None = None):
+    """Yield (uint8 frames (B,S,S), texts (B*C), C, indices) in order or shuffled."""
+    order = indices if indices is not None else np.arange(len(data))
+    if train:
+        order = rng.permutation(order)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        frames = np.stack([augment(data.images[i], rng, data.flippable) if train else data.images[i] for i in idx])
+        sets = [data.texts(int(i), rng, heldout=heldout, display=display) for i in idx]
+        yield frames, [t for s in sets for t in s], len(sets[0]), idx

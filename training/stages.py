@@ -1,0 +1,234 @@
+"""The training stages: text (shortcut proxy), multimodal (shortcut-aware BT), distill.
+
+Each stage is a loop over candidate-set batches with one loss function. The loop shows a
+progress bar with loss and ETA, keeps the epoch with the best validation pairwise accuracy
+(validation never includes ELPV test cells), checkpoints after every epoch and resumes
+from the last checkpoint when the run is started again.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
+from models.reward_model import RewardModel, bradley_terry_loss, minilm_dir, save_model
+from training.config import StageConfig
+from training.data.batches import CandidateSet, iterate_batches
+from training import distributed
+
+
+class Encoder:
+    """Turns uint8 frames and strings into model inputs, exactly as the appliance does."""
+
+    def __init__(self, spec: PreprocessSpec):
+        self.spec = spec
+        self.tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", spec.max_tokens)
+        self._blank = None
+
+    def frames(self, gray: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(normalize(np.ascontiguousarray(gray), self.spec))
+
+    def blank(self, n: int) -> torch.Tensor:
+        return self.frames(np.full((n, self.spec.image_size, self.spec.image_size), 128, np.uint8))
+
+    def texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenizer.encode(texts)
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def rewards(model: RewardModel, enc: Encoder, frames, texts, c: int, blank=False) -> torch.Tensor:
+    image = enc.blank(len(frames)) if blank else enc.frames(frames)
+    ids, mask = enc.texts(texts)
+    return model(image, ids, mask, c)
+
+
+def pair_losses(r: torch.Tensor) -> torch.Tensor:
+    """(B, C) rewards with the right candidate first -> (B, C-1) BT losses."""
+    return bradley_terry_loss(r[:, :1], r[:, 1:])
+
+
+def centring(r: torch.Tensor) -> torch.Tensor:
+    return (r ** 2).mean()
+
+
+# ------------------------------------------------------------------ loss per stage
+def text_step(model, proxy, teacher, enc, stage: StageConfig, batch):
+    """Text-only pairs (blank frame): specific, consistent over vague or contradictory."""
+    frames, texts, c, _ = batch
+    r = rewards(model, enc, frames, texts, c, blank=True)
+    return pair_losses(r).mean() + stage.centring * centring(r)
+
+
+def multimodal_step(model, proxy, teacher, enc, stage: StageConfig, batch):
+    """Bradley-Terry with shortcut-aware weights (Li et al., arXiv 2503.03122).
+
+    The proxy sees a blank frame and is trained alongside on the same pairs. Pair weight
+    w = L_t / (L_m + L_t) without gradient: pairs the text alone decides count little.
+    """
+    frames, texts, c, _ = batch
+    r_m = rewards(model, enc, frames, texts, c)
+    loss_m = pair_losses(r_m)
+    if not stage.shortcut_weighting or proxy is None:
+        return loss_m.mean() + stage.centring * centring(r_m)
+    r_t = rewards(proxy, enc, frames, texts, c, blank=True)
+    loss_t = pair_losses(r_t)
+    weight = (loss_t / (loss_m + loss_t + 1e-8)).detach()
+    return (weight * loss_m + loss_t).mean() + stage.centring * (centring(r_m) + centring(r_t))
+
+
+def distill_step(student, proxy, teacher, enc, stage: StageConfig, batch):
+    """Match the teacher's preference distribution over each candidate set + true pairs."""
+    frames, texts, c, _ = batch
+    r_s = rewards(student, enc, frames, texts, c)
+    with torch.no_grad():
+        r_t = rewards(teacher, enc, frames, texts, c)
+    t = stage.temperature
+    kl = F.kl_div(F.log_softmax(r_s / t, -1), F.softmax(r_t / t, -1), reduction="batchmean") * t * t
+    # match reward scale too, so thresholds calibrated on the teacher carry over
+    scale = F.mse_loss(r_s - r_s.mean(-1, keepdim=True), r_t - r_t.mean(-1, keepdim=True))
+    true_pairs = pair_losses(r_s).mean()
+    return (stage.distill_alpha * (kl + 0.1 * scale) + (1 - stage.distill_alpha) * true_pairs
+            + stage.centring * centring(r_s))
+
+
+STEPS = {"text": text_step, "multimodal": multimodal_step, "distill": distill_step}
+
+
+# ------------------------------------------------------------------ validation
+@torch.no_grad()
+def pairwise_accuracy(model: RewardModel, enc: Encoder, sets: list[CandidateSet], seed: int = 0,
+                      batch_size: int = 64, blank: bool = False) -> float:
+    model.eval()
+    rng = np.random.default_rng(seed)
+    correct = total = 0
+    for data in sets:
+        for frames, texts, c, _ in iterate_batches(data, batch_size, rng, train=False):
+            r = rewards(model, enc, frames, texts, c, blank=blank)
+            correct += int((r[:, :1] > r[:, 1:]).sum())
+            total += r.shape[0] * (c - 1)
+    return correct / max(total, 1)
+
+
+# ------------------------------------------------------------------ the loop
+def _mixed_batches(sets, batch_size, rng, max_steps):
+    """Batches from every set, interleaved at random; each batch comes from one set."""
+    iterators = [iterate_batches(d, batch_size, rng, train=True,
+                                 indices=distributed.shard(np.arange(len(d)))) for d in sets]
+    plan = np.concatenate([np.full(-(-len(distributed.shard(np.arange(len(d)))) // batch_size), k)
+                           for k, d in enumerate(sets)])
+    plan = rng.permutation(plan)[:max_steps] if max_steps else rng.permutation(plan)
+    for k in plan:
+        batch = next(iterators[k], None)
+        if batch is not None:
+            yield batch
+
+
+def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, val_sets,
+              out_dir: Path, seed: int, proxy: RewardModel | None = None,
+              teacher: RewardModel | None = None) -> dict:
+    """Train one stage into out_dir/<stage>; resumes from its checkpoint; returns metrics."""
+    stage_dir = Path(out_dir) / stage.name
+    done = stage_dir / "done.json"
+    if done.exists():  # finished earlier: reload and move on
+        _load_states(stage_dir / "checkpoint.pt", model, proxy, final=True)
+        return json.loads(done.read_text())
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    trained = [m for m in (model, proxy) if m is not None]
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    wrapped = distributed.wrap(model)
+    start, best, history = _resume(stage_dir / "checkpoint.pt", model, proxy, optim)
+    initial = _trainable_snapshot(trained)
+    step_fn = STEPS[stage.name]
+    for epoch in range(start, stage.epochs):
+        rng = np.random.default_rng([seed, epoch])
+        steps = _count_steps(train_sets, stage)
+        sched_lr = stage.lr * 0.5 * (1 + np.cos(np.pi * epoch / stage.epochs))
+        for group in optim.param_groups:
+            group["lr"] = sched_lr
+        for m in trained:
+            m.train()
+        bar = tqdm(_mixed_batches(train_sets, stage.batch_size, rng, stage.max_steps_per_epoch),
+                   total=steps, desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
+                   disable=not distributed.is_main(), dynamic_ncols=True)
+        losses = []
+        for batch in bar:
+            loss = step_fn(wrapped, proxy, teacher, enc, stage, batch)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        val = pairwise_accuracy(model, enc, val_sets, seed=seed, blank=stage.name == "text")
+        window = max(1, len(losses) // 5)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_pairwise_accuracy": val,
+                        "loss_first": float(np.mean(losses[:window])),
+                        "loss_last": float(np.mean(losses[-window:]))})
+        if best is None or val >= best["val_pairwise_accuracy"]:
+            best = {**history[-1], "model": copy.deepcopy(model.state_dict()),
+                    "proxy": copy.deepcopy(proxy.state_dict()) if proxy is not None else None}
+        if distributed.is_main():
+            print(f"[{stage.name}] epoch {epoch + 1}: loss {history[-1]['loss']:.4f}  "
+                  f"val pairwise accuracy {val:.4f}", flush=True)
+            _save_checkpoint(stage_dir / "checkpoint.pt", epoch + 1, model, proxy, optim, best, history)
+    model.load_state_dict(best["model"])
+    if proxy is not None and best["proxy"] is not None:
+        proxy.load_state_dict(best["proxy"])
+    unchanged = [n for n, p in _trainable_snapshot(trained).items()
+                 if n in initial and torch.equal(p, initial[n])] if start == 0 else []
+    metrics = {"stage": stage.name, "config": asdict(stage), "history": history,
+               "unchanged_parameters": unchanged,
+               "best_epoch": best["epoch"], "val_pairwise_accuracy": best["val_pairwise_accuracy"]}
+    if distributed.is_main():
+        save_model(model, stage_dir / "model")
+        if proxy is not None:
+            save_model(proxy, stage_dir / "proxy")
+        done.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _trainable_snapshot(models) -> dict[str, torch.Tensor]:
+    return {f"{i}.{n}": p.detach().clone() for i, m in enumerate(models)
+            for n, p in m.named_parameters() if p.requires_grad}
+
+
+def _count_steps(sets, stage: StageConfig) -> int:
+    n = sum(-(-len(distributed.shard(np.arange(len(d)))) // stage.batch_size) for d in sets)
+    return min(n, stage.max_steps_per_epoch) if stage.max_steps_per_epoch else n
+
+
+def _save_checkpoint(path: Path, epoch, model, proxy, optim, best, history):
+    state = {"epoch": epoch, "model": model.state_dict(), "optim": optim.state_dict(),
+             "proxy": proxy.state_dict() if proxy is not None else None,
+             "best": best, "history": history}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _resume(path: Path, model, proxy, optim):
+    if not path.exists():
+        return 0, None, []
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    if proxy is not None and state["proxy"] is not None:
+        proxy.load_state_dict(state["proxy"])
+    optim.load_state_dict(state["optim"])
+    print(f"resuming from {path} after epoch {state['epoch']}", flush=True)
+    return state["epoch"], state["best"], state["history"]
+
+
+def _load_states(path: Path, model, proxy, final: bool):
+    state = torch.load(path, weights_only=False)
+    best = state["best"] if final else state
+    model.load_state_dict(best["model"])
+    if proxy is not None and best.get("proxy") is not None:
+        proxy.load_state_dict(best["proxy"])

@@ -1,0 +1,157 @@
+"""`linejudge train`: build the data, run the configured stages in order, save every model.
+
+Run directory layout:
+    config.json        the resolved config and its hash (a run resumes only with the same one)
+    train_ids.json     every ELPV cell id that reached training (never a test cell)
+    text/ multimodal/ distill/   per stage: checkpoint.pt, done.json, model/ (+ proxy/)
+    summary.json       per-stage metrics, parameter counts, timings
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from appliance.errors import ConfigError
+from appliance.preprocess import PreprocessSpec
+from models.reward_model import RewardModel
+from training import distributed
+from training.config import TrainConfig
+from training.data import elpv
+from training.data.batches import CandidateSet, elpv_set, synthetic_set
+from training.data.text_pairs import text_preference_pairs
+from training.stages import Encoder, run_stage
+
+
+class TestLeakError(RuntimeError):
+    """An ELPV test cell was about to reach training."""
+
+
+class TextPairSet(CandidateSet):
+    """Text-only pairs; the frame is blank in the text stage, so no pixels are stored."""
+    flippable = False
+
+    def __init__(self, name: str, pairs: list[tuple[str, str]], size: int):
+        super().__init__(name, np.broadcast_to(np.zeros((1, size, size), np.uint8), (len(pairs), size, size)),
+                         [f"{name}-{i}" for i in range(len(pairs))])
+        self.pairs = pairs
+
+    def texts(self, i, rng, heldout=False, display=False):
+        return list(self.pairs[i])
+
+
+def preprocess_spec(cfg: TrainConfig) -> PreprocessSpec:
+    if (cfg.teacher.image_size, cfg.teacher.max_tokens) != (cfg.student.image_size, cfg.student.max_tokens):
+        raise ConfigError("teacher and student must share image_size and max_tokens "
+                          "(the appliance preprocesses once per frame)")
+    return PreprocessSpec(image_size=cfg.student.image_size, max_tokens=cfg.student.max_tokens)
+
+
+def build_data(cfg: TrainConfig, size: int) -> dict[str, list[CandidateSet]]:
+    d = cfg.data
+    train, val = [], []
+    if d.use_elpv:
+        train.append(elpv_set("train", size, d.elpv_train_limit, d.elpv_types, cfg.seed))
+        val.append(elpv_set("val", size, d.elpv_val_limit, d.elpv_types, cfg.seed))
+    backgrounds = elpv.defect_free_backgrounds(size) if d.synthetic_on_elpv_fraction > 0 else None
+    if d.synthetic_train:
+        train.append(synthetic_set("synthetic-train", d.synthetic_train, size, cfg.seed + 1,
+                                   d.synthetic_on_elpv_fraction, backgrounds))
+        val.append(synthetic_set("synthetic-val", d.synthetic_val, size, cfg.seed + 2,
+                                 d.synthetic_on_elpv_fraction, backgrounds))
+    rng = np.random.default_rng(cfg.seed + 3)
+    pairs = text_preference_pairs(rng, d.text_pairs + max(d.text_pairs // 10, 20))
+    text_train = TextPairSet("text-train", pairs[: d.text_pairs], size)
+    text_val = TextPairSet("text-val", pairs[d.text_pairs:], size)
+    if not train:
+        raise ConfigError("the data section selects no image data: enable use_elpv or synthetic_train")
+    return {"train": train, "val": val, "text_train": [text_train], "text_val": [text_val]}
+
+
+def check_no_test_cells(sets: list[CandidateSet]) -> list[str]:
+    """Every ELPV id headed for training, after checking none is a test cell."""
+    test_ids = set(elpv.load_split()["test"])
+    used = sorted({i for s in sets for i in s.ids if i.startswith("cell")})
+    leaked = test_ids.intersection(used)
+    if leaked:
+        raise TestLeakError(f"{len(leaked)} ELPV test cells reached training, e.g. {sorted(leaked)[:3]}")
+    return used
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _claim_run_dir(cfg: TrainConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / "config.json"
+    if record.exists():
+        previous = json.loads(record.read_text())
+        if previous.get("hash") != cfg.hash():
+            raise ConfigError(f"{out} holds a run of another config ({previous.get('name')}, "
+                              f"hash {previous.get('hash')}); use a new --out directory")
+    elif distributed.is_main():
+        record.write_text(json.dumps({"name": cfg.name, "hash": cfg.hash(), "config": cfg.to_dict()},
+                                     indent=2, default=str) + "\n")
+
+
+def copy_image_trunk(teacher: RewardModel, student: RewardModel) -> None:
+    """The student starts from the teacher's fine-tuned EfficientNet trunk."""
+    s, t = student.image_encoder, teacher.image_encoder
+    for name in ("stem", "bn0", "blocks"):
+        getattr(s, name).load_state_dict(getattr(t, name).state_dict())
+
+
+def train(cfg: TrainConfig, out: str | Path) -> dict:
+    out = Path(out)
+    distributed.init()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _claim_run_dir(cfg, out)
+    seed_everything(cfg.seed)
+    spec = preprocess_spec(cfg)
+    enc = Encoder(spec)
+    started = time.time()
+    print(f"building data for {cfg.name} ...", flush=True)
+    data = build_data(cfg, spec.image_size)
+    used = check_no_test_cells(data["train"] + data["val"])
+    if distributed.is_main():
+        (out / "train_ids.json").write_text(json.dumps({"elpv_ids": used}) + "\n")
+    teacher = RewardModel(cfg.teacher)
+    proxy = student = None
+    summary = {"config": cfg.name, "config_hash": cfg.hash(), "stages": [],
+               "sizes": {k: len(v) for k, v in ((s.name, s) for s in data["train"] + data["val"])}}
+    for stage in cfg.stages:
+        if stage.name == "text":
+            metrics = run_stage(stage, teacher, enc, data["text_train"], data["text_val"], out, cfg.seed)
+            proxy = copy.deepcopy(teacher)
+        elif stage.name == "multimodal":
+            proxy = proxy if proxy is not None else copy.deepcopy(teacher)
+            metrics = run_stage(stage, teacher, enc, data["train"], data["val"], out, cfg.seed, proxy=proxy)
+        else:
+            torch.manual_seed(cfg.seed + 7)
+            student = RewardModel(cfg.student)
+            copy_image_trunk(teacher, student)
+            if hasattr(student.text_encoder, "init_from_minilm"):
+                student.text_encoder.init_from_minilm(_minilm_word_embeddings())
+            teacher.eval()
+            metrics = run_stage(stage, student, enc, data["train"], data["val"], out, cfg.seed, teacher=teacher)
+        summary["stages"].append({k: v for k, v in metrics.items() if k != "config"})
+    summary["parameters"] = {"teacher": teacher.parameter_count(),
+                             "student": student.parameter_count() if student else None}
+    summary["minutes"] = round((time.time() - started) / 60, 2)
+    if distributed.is_main():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _minilm_word_embeddings() -> torch.Tensor:
+    from models.reward_model import _minilm
+    return _minilm().embeddings.word_embeddings.weight.detach().clone()
