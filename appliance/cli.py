@@ -3,13 +3,16 @@ appliance commands never load torch or transformers."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from appliance.errors import LinejudgeError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "bundles" / "el-solar-default"
 
 
 def cmd_train(args) -> int:
@@ -24,6 +27,60 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from training.evaluate import evaluate_cli
     return evaluate_cli(args)
+
+
+def cmd_export(args) -> int:
+    from export.build_bundle import ExportOptions, checkpoint_to_bundle
+    opts = ExportOptions(line=args.line, version=args.version, calibration=args.calibration,
+                         keep_fp32=tuple(args.keep_fp32 or ()), key=args.key, key_id=args.key_id,
+                         val_limit=args.val_limit, calibration_frames=args.calibration_frames)
+    manifest = checkpoint_to_bundle(args.checkpoint, args.out, opts)
+    gate = manifest["metrics"]["int8_gate"]
+    print(f"bundle {args.out}: {manifest['line']} v{manifest['version']}, "
+          f"parity {manifest['metrics']['parity_fp32']['max_abs_reward_delta']:.1e}, "
+          f"INT8 pairwise {gate['pairwise_fp32']:.4f} -> {gate['pairwise_int8']:.4f}, "
+          f"top-1 agreement {gate['top1_agreement']:.4f}{'' if args.key else ' (unsigned: pass --key)'}")
+    if args.tensorrt:
+        from export.to_engine import bundle_to_engines
+        for path in bundle_to_engines(args.out, precision=args.trt_precision):
+            print(f"TensorRT engine {path}")
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from models import bundle as lib
+    if args.action == "keygen":
+        private, public = lib.generate_keypair(args.out, args.key_id)
+        print(f"private key {private} (keep it at HQ)\npublic key  {public} (give it to appliances)")
+    elif args.action == "sign":
+        print(f"signed {lib.sign_bundle(args.bundle, args.key, args.key_id)}")
+    else:
+        keys = lib.load_public_keys(args.trust or _default_trust(args.bundle))
+        manifest = lib.verify_bundle(args.bundle, keys, installed_version=args.installed_version,
+                                     line=args.line)
+        print(f"OK: {manifest['line']} v{manifest['version']}, {len(manifest['files'])} files, "
+              f"expires {manifest.get('expires')}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.pipeline:
+        from appliance.bench_pipeline import run_pipeline_bench
+        summary = run_pipeline_bench(args.bundle, args.json, seconds=args.seconds)
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=2))
+        return 0
+    from export.bench import run_bench
+    summary = run_bench(args.run, args.bundle, args.json, frames=args.frames)
+    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=2))
+    return 0
+
+
+def _default_trust(bundle) -> list:
+    from pathlib import Path
+    keys = sorted((Path(__file__).resolve().parent.parent / "models" / "keys").glob("*.pub"))
+    if not keys:
+        raise LinejudgeError("no trusted public keys: pass --trust <key.pub>")
+    return keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +99,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="HTML report path (default: beside the JSON)")
     p.add_argument("--limit", type=int, help="evaluate on at most this many frames per set")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="trained run -> signed bundle (ONNX fp32 + INT8, optional TensorRT)")
+    p.add_argument("--checkpoint", required=True, help="run directory (uses distill/model)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--line", default="el-solar")
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--calibration-frames", type=int, default=320)
+    p.add_argument("--keep-fp32", nargs="*", help="ONNX node names to leave unquantized")
+    p.add_argument("--key", help="ed25519 private key to sign with")
+    p.add_argument("--key-id", help="key id recorded in the signature (default: key file name)")
+    p.add_argument("--val-limit", type=int, help="use at most this many val frames (quick checks)")
+    p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines on this GPU")
+    p.add_argument("--trt-precision", choices=("fp16", "int8"), default="fp16")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bundle", help="bundle keys, signing and verification")
+    p.add_argument("action", choices=("keygen", "sign", "verify"))
+    p.add_argument("bundle", nargs="?", help="bundle directory (sign, verify)")
+    p.add_argument("--out", default="keys", help="keygen: where to write the key pair")
+    p.add_argument("--key", help="sign: private key file")
+    p.add_argument("--key-id", default="hq", help="key id")
+    p.add_argument("--trust", nargs="*", help="verify: trusted public key files (default: models/keys/*.pub)")
+    p.add_argument("--installed-version", type=int, help="verify: reject versions not above this")
+    p.add_argument("--line", help="verify: reject bundles for another line")
+    p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("bench", help="latency/throughput of torch, ONNX fp32 and INT8 (JSON + PNG)")
+    p.add_argument("--json", required=True)
+    p.add_argument("--run", default="runs/full", help="training run (torch variants)")
+    p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle (ONNX variants)")
+    p.add_argument("--frames", type=int, default=30, help="timed frames per setting")
+    p.add_argument("--pipeline", action="store_true", help="whole appliance pipeline from a replay source")
+    p.add_argument("--seconds", type=float, default=20.0, help="--pipeline: how long to run")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

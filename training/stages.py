@@ -165,7 +165,7 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         val = pairwise_accuracy(model, enc, val_sets, seed=seed, blank=stage.name == "text")
         window = max(1, len(losses) // 5)

@@ -1,0 +1,89 @@
+"""From rewards to a verdict and, when the model is unsure, a flag with its reasons.
+
+Three reasons to flag, each against a runtime threshold (defaults in the bundle manifest):
+  * low confidence: P(best beats runner-up) = sigmoid(r1 - r2) below `p_best`
+  * out of distribution: the frame's mean image feature is far from the training frames'
+  * low image reliance: the rewards barely change when the frame is replaced by a blank
+    one, so the ranking is being decided by the text alone
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    p_best: float = 0.75
+    ood_distance: float = 3.0
+    image_reliance: float = 0.05
+
+    @classmethod
+    def from_manifest(cls, data: dict, **overrides) -> "Thresholds":
+        values = {k: float(data[k]) for k in ("p_best", "ood_distance", "image_reliance") if k in data}
+        values.update({k: float(v) for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: str
+    best_score: float
+    p_best: float
+    ranking: list[tuple[str, float]]     # best first
+    flagged: bool
+    reasons: list[str]
+    ood_distance: float
+    image_reliance: float
+
+
+def sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-x)))
+
+
+def p_best(rewards: np.ndarray) -> float:
+    """P(best beats runner-up) under Bradley-Terry; 1.0 with a single candidate."""
+    if len(rewards) < 2:
+        return 1.0
+    top2 = np.sort(rewards)[-2:]
+    return sigmoid(top2[1] - top2[0])
+
+
+def frame_vector(patches: np.ndarray) -> np.ndarray:
+    """(P,d) or (B,P,d) patch features -> mean feature per frame."""
+    return patches.mean(axis=-2)
+
+
+def ood_distance(vector: np.ndarray, ood: dict) -> float:
+    """RMS z-score of the frame's mean feature against the training frames' statistics."""
+    mean, std = np.asarray(ood["mean"], np.float32), np.asarray(ood["std"], np.float32)
+    return float(np.sqrt(np.mean(((vector - mean) / (std + 1e-6)) ** 2)))
+
+
+def image_reliance(rewards: np.ndarray, blank_rewards: np.ndarray) -> float:
+    """How much the frame moves the rewards relative to each other (0 = not at all)."""
+    if len(rewards) < 2:
+        return 1.0
+    return float(np.std(rewards - blank_rewards) / (np.std(rewards) + 1e-6))
+
+
+def decide(texts: list[str], rewards: np.ndarray, blank_rewards: np.ndarray, patches: np.ndarray,
+           thresholds: Thresholds, ood: dict) -> Decision:
+    order = np.argsort(-rewards)
+    ranking = [(texts[i], float(rewards[i])) for i in order]
+    confidence = p_best(rewards)
+    distance = ood_distance(frame_vector(patches), ood)
+    reliance = image_reliance(rewards, blank_rewards)
+    reasons = []
+    if confidence < thresholds.p_best:
+        reasons.append(f"low confidence: best beats runner-up with p={confidence:.2f} "
+                       f"(threshold {thresholds.p_best:.2f})")
+    if distance > thresholds.ood_distance:
+        reasons.append(f"unusual frame: distance {distance:.2f} from training frames "
+                       f"(threshold {thresholds.ood_distance:.2f})")
+    if reliance < thresholds.image_reliance:
+        reasons.append(f"image barely matters: reliance {reliance:.3f} "
+                       f"(threshold {thresholds.image_reliance:.3f})")
+    return Decision(ranking[0][0], ranking[0][1], confidence, ranking, bool(reasons), reasons,
+                    distance, reliance)

@@ -1,0 +1,69 @@
+"""ONNX Runtime backend: TensorRT -> CUDA -> CPU execution providers, asserted, not assumed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from appliance.errors import ModelError
+
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "cpu": "CPUExecutionProvider"}
+INT8_SUFFIX = ".int8.onnx"
+
+
+def provider_options(name: str, cache_dir: Path) -> tuple[str, dict]:
+    if name == "tensorrt":
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return PROVIDERS[name], {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                                 "trt_timing_cache_enable": True, "trt_fp16_enable": True,
+                                 "trt_max_workspace_size": 1 << 30}
+    return PROVIDERS[name], {}
+
+
+def graph_path(bundle_dir: Path, stem: str, int8: bool) -> Path:
+    quantized = bundle_dir / f"{stem}{INT8_SUFFIX}"
+    return quantized if int8 and quantized.exists() else bundle_dir / f"{stem}.onnx"
+
+
+class OnnxBackend:
+    def __init__(self, bundle_dir, providers=("cpu",), allow_fallback=False, int8=True,
+                 threads: int | None = None, cache_dir: Path | None = None):
+        import onnxruntime as ort
+        self.bundle_dir = Path(bundle_dir)
+        unknown = [p for p in providers if p not in PROVIDERS]
+        if unknown:
+            raise ModelError(f"unknown execution provider(s) {unknown}; choose from {list(PROVIDERS)}")
+        available = set(ort.get_available_providers())
+        wanted = [provider_options(p, cache_dir or self.bundle_dir / ".trt_cache") for p in providers]
+        usable = [(n, o) for n, o in wanted if n in available]
+        if not usable or (usable[0][0] != wanted[0][0] and not allow_fallback):
+            raise ModelError(f"execution provider {wanted[0][0]} is not available here (available: "
+                             f"{sorted(available)}); install onnxruntime-gpu matching your CUDA/JetPack, "
+                             f"or run with providers=['cpu'] / allow_fallback")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        names, options = [n for n, _ in usable], [o for _, o in usable]
+        self.sessions = {}
+        for stem in ("image_encoder", "text_encoder", "scorer"):
+            path = graph_path(self.bundle_dir, stem, int8 and stem != "text_encoder")
+            if not path.exists():
+                raise ModelError(f"bundle {self.bundle_dir} has no {path.name}; re-export it")
+            self.sessions[stem] = ort.InferenceSession(str(path), opts, providers=names, provider_options=options)
+        self.provider = self.sessions["image_encoder"].get_providers()[0]
+        if self.provider != wanted[0][0] and not allow_fallback:
+            raise ModelError(f"asked for {wanted[0][0]} but ONNX Runtime runs {self.provider}")
+        self.quantized = int8 and graph_path(self.bundle_dir, "image_encoder", True).name.endswith(INT8_SUFFIX)
+
+    def image_features(self, image: np.ndarray) -> np.ndarray:
+        return self.sessions["image_encoder"].run(None, {"image": image.astype(np.float32, copy=False)})[0]
+
+    def text_features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.sessions["text_encoder"].run(None, {"input_ids": ids.astype(np.int32),
+                                                        "attention_mask": mask.astype(np.int32)})[0]
+
+    def rewards(self, patches: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+        return self.sessions["scorer"].run(None, {"patches": patches, "text_features": text_features})[0]

@@ -1,0 +1,177 @@
+"""`linejudge bench`: latency and throughput of every format, measured in one run.
+
+Variants (each in its own process, so peak memory is its own):
+  torch-teacher   fp32 torch, candidates encoded every frame (MiniLM), as trained
+  torch-student   fp32 torch, candidates encoded every frame
+  onnx-fp32       the bundle's fp32 graphs, catalog features cached (as the appliance runs)
+  onnx-int8       the bundle's INT8 graphs, catalog features cached (as the appliance runs)
+For N = 1, 4, 16, 64 candidates, single-thread and all threads: p50/p99 latency per frame,
+frames/s; plus size on disk, peak RSS, and a PNG plot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CANDIDATES = (1, 4, 16, 64)
+VARIANTS = ("torch-teacher", "torch-student", "onnx-fp32", "onnx-int8")
+
+
+def _texts(n: int) -> list[str]:
+    base = ["crack in the upper left corner", "no defect, cell fully active", "severe burn at the center",
+            "minor scratch along the lower edge", "dark inactive region on the right side",
+            "probable microcrack near the busbar", "small pits in the middle", "stain in the lower right"]
+    return [f"{base[i % len(base)]} ({i})" for i in range(n)]
+
+
+def _timeit(fn, frames: int, warmup: int = 3) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(frames):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return np.array(times)
+
+
+def _torch_runner(model_dir: Path, threads: int):
+    import torch
+    from appliance.preprocess import PreprocessSpec
+    from models.reward_model import load_model
+    from training.stages import Encoder
+    torch.set_num_threads(threads)
+    model = load_model(model_dir)
+    enc = Encoder(PreprocessSpec(model.config.image_size, max_tokens=model.config.max_tokens))
+    frame = np.random.default_rng(0).integers(0, 255, (1, model.config.image_size, model.config.image_size), np.uint8)
+
+    def make(n):
+        texts = _texts(n)
+
+        @torch.no_grad()
+        def run():
+            if hasattr(model.text_encoder, "_cache"):
+                model.text_encoder._cache.clear()   # no memo: encode every frame, honestly
+            ids, mask = enc.texts(texts)
+            return model.scorer(model.image_encoder(enc.frames(frame)), model.text_encoder(ids, mask))
+        return run
+    return make, model.image_encoder
+
+
+def _onnx_runner(bundle: Path, threads: int, int8: bool):
+    from appliance.preprocess import PreprocessSpec, TextTokenizer, frame_to_input
+    from appliance.scoring.onnx_backend import OnnxBackend
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    spec = PreprocessSpec.from_dict(manifest["preprocessing"])
+    backend = OnnxBackend(bundle, int8=int8, threads=threads)
+    tokenizer = TextTokenizer(bundle / "tokenizer.json", spec.max_tokens)
+    frame = np.random.default_rng(0).integers(0, 255, (300, 300), np.uint8)
+
+    def make(n):
+        features = backend.text_features(*tokenizer.encode(_texts(n)))   # cached, as the catalog is
+
+        def run():
+            return backend.rewards(backend.image_features(frame_to_input(frame, spec)), features)
+        return run
+    image_only = lambda: backend.image_features(frame_to_input(frame, spec))  # noqa: E731
+    return make, image_only
+
+
+def measure_variant(variant: str, run_dir: Path, bundle: Path, frames: int) -> dict:
+    rows = []
+    for threads in (1, os.cpu_count() or 1):
+        if variant.startswith("torch"):
+            sub = "multimodal/model" if variant == "torch-teacher" else "distill/model"
+            make, _ = _torch_runner(run_dir / sub, threads)
+        else:
+            make, image_only = _onnx_runner(bundle, threads, int8=variant == "onnx-int8")
+        for n in CANDIDATES:
+            t = _timeit(make(n), frames)
+            rows.append({"variant": variant, "threads": threads, "candidates": n,
+                         "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+                         "fps": float(1000 / t.mean())})
+        if not variant.startswith("torch"):
+            t = _timeit(image_only, frames)
+            rows.append({"variant": variant, "threads": threads, "candidates": 0,
+                         "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+                         "fps": float(1000 / t.mean()), "image_encoder_only": True})
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rows": rows, "peak_rss_mb": peak_mb}
+
+
+def _size_mb(paths) -> float:
+    return sum(p.stat().st_size for p in paths if p.exists()) / 1e6
+
+
+def summarize(results: dict, run_dir: Path, bundle: Path) -> dict:
+    def p50(variant, n, threads):
+        return next(r["p50_ms"] for r in results[variant]["rows"]
+                    if r["candidates"] == n and r["threads"] == threads and not r.get("image_encoder_only"))
+    all_threads = os.cpu_count() or 1
+    image_ms = next(r["p50_ms"] for r in results["onnx-int8"]["rows"]
+                    if r.get("image_encoder_only") and r["threads"] == all_threads)
+    per_candidate = (p50("onnx-int8", 64, all_threads) - p50("onnx-int8", 1, all_threads)) / 63
+    summary = {
+        "int8_vs_teacher_speedup_n16": p50("torch-teacher", 16, all_threads) / p50("onnx-int8", 16, all_threads),
+        "int8_vs_fp32_speedup_n16": p50("onnx-fp32", 16, all_threads) / p50("onnx-int8", 16, all_threads),
+        "int8_vs_fp32_speedup_n16_single_thread": p50("onnx-fp32", 16, 1) / p50("onnx-int8", 16, 1),
+        "per_candidate_cost_ratio": per_candidate / image_ms,
+        "int8_p50_ms_n16": p50("onnx-int8", 16, all_threads),
+        "threads_all": all_threads,
+        "size_mb": {"torch-teacher": _size_mb([run_dir / "multimodal/model/model.safetensors"]),
+                    "torch-student": _size_mb([run_dir / "distill/model/model.safetensors"]),
+                    "onnx-fp32": _size_mb([bundle / f for f in ("image_encoder.onnx", "scorer.onnx")]),
+                    "onnx-int8": _size_mb([bundle / f for f in ("image_encoder.int8.onnx", "scorer.int8.onnx")])},
+        "peak_rss_mb": {v: results[v]["peak_rss_mb"] for v in results},
+        "rows": [r for v in results for r in results[v]["rows"]],
+    }
+    return summary
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, threads in zip(axes, (1, summary["threads_all"])):
+        for variant in VARIANTS:
+            rows = [r for r in summary["rows"] if r["variant"] == variant and r["threads"] == threads
+                    and not r.get("image_encoder_only")]
+            ax.plot([r["candidates"] for r in rows], [r["p50_ms"] for r in rows], "o-", label=variant)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("candidates per frame")
+        ax.set_title(f"{threads} thread(s)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("p50 latency per frame (ms)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(run_dir: Path, bundle: Path, json_path: Path, frames: int = 30) -> dict:
+    results = {}
+    for variant in VARIANTS:
+        print(f"bench {variant} ...", flush=True)
+        out = subprocess.run([sys.executable, "-m", "export.bench", variant, str(run_dir), str(bundle), str(frames)],
+                             capture_output=True, text=True, check=True)
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    summary = summarize(results, Path(run_dir), Path(bundle))
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, json_path.with_suffix(".png"))
+    return summary
+
+
+if __name__ == "__main__":  # one variant, in its own process
+    variant, run_dir, bundle, frames = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+    print(json.dumps(measure_variant(variant, run_dir, bundle, frames)))

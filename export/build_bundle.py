@@ -1,0 +1,231 @@
+"""`linejudge export`: a trained run -> a signed, self-describing model bundle.
+
+Steps, each checked before the next:
+  1. torch -> ONNX fp32 (three graphs); parity vs torch on golden frames (<= 1e-4)
+  2. ONNX fp32 -> INT8 (image encoder, scorer); gate on the val split
+  3. catalog embeddings, tokenizer, golden frames with expected verdicts
+  4. thresholds calibrated on val, out-of-distribution statistics
+  5. manifest (files, hashes, lineage, metrics) and ed25519 signature
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from appliance.candidates import load_catalog
+from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
+from appliance.scoring.onnx_backend import OnnxBackend
+from export import decide_stats, quantize, to_onnx, verify
+from models import bundle as bundle_lib
+from models.reward_model import load_model, minilm_dir
+from training.data import elpv
+from training.data.batches import EL_CATALOG, elpv_set, synthetic_set
+
+GOLDEN_FRAMES = 8
+CALIBRATION_FRAMES = 320
+
+
+class ExportGateError(RuntimeError):
+    """An export step failed its check; nothing is written as a finished bundle."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    line: str = "el-solar"
+    version: int = 1
+    expires_days: float | None = 365.0
+    calibration: str = "minmax"
+    keep_fp32: tuple[str, ...] = ()
+    key: Path | None = None
+    key_id: str | None = None
+    val_limit: int | None = None
+    calibration_frames: int = CALIBRATION_FRAMES
+    parent_version: int | None = None
+    feedback_ids: tuple[str, ...] = ()
+    gate_points: float = 0.5          # max pairwise-accuracy loss of INT8, in points
+    gate_top1: float = 0.99           # min top-1 agreement INT8 vs fp32
+
+
+def student_dir(checkpoint: Path) -> Path:
+    checkpoint = Path(checkpoint)
+    for candidate in (checkpoint / "distill" / "model", checkpoint):
+        if (candidate / "model.safetensors").exists():
+            return candidate
+    raise ExportGateError(f"{checkpoint} has no distilled student (distill/model); "
+                          f"finish `linejudge train` first")
+
+
+def checkpoint_to_bundle(checkpoint: Path, out: Path, opts: ExportOptions) -> dict:
+    model = load_model(student_dir(checkpoint))
+    cfg = model.config
+    spec = PreprocessSpec(cfg.image_size, max_tokens=cfg.max_tokens)
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", spec.max_tokens)
+    catalog = load_catalog(EL_CATALOG)
+    steps = tqdm(total=5, desc="export", dynamic_ncols=True)
+
+    # 1. ONNX fp32 + parity
+    to_onnx.torch_to_onnx(model, out)
+    val = elpv_set("val", spec.image_size, limit=opts.val_limit)
+    golden_idx = _golden_indices(val)
+    ids, mask = tokenizer.encode(catalog.displays)
+    parity = to_onnx.check_parity(model, out, normalize(val.images[golden_idx], spec), ids, mask)
+    steps.update()
+
+    # 2. INT8 with the accuracy gate
+    int8 = _quantize(out, spec, tokenizer, catalog, opts)
+    fp32_backend = OnnxBackend(out, int8=False)
+    int8_backend = OnnxBackend(out, int8=True)
+    gate = _int8_gate(fp32_backend, int8_backend, tokenizer, spec, val, catalog, opts, out)
+    steps.update()
+
+    # 3. catalog embeddings, tokenizer, catalog, golden frames
+    np.save(out / "catalog_embeddings.npy", int8_backend.text_features(ids, mask).astype(np.float32))
+    shutil.copy(minilm_dir() / "tokenizer.json", out / "tokenizer.json")
+    shutil.copy(EL_CATALOG, out / "catalog.yaml")
+    golden = _write_golden(out, int8_backend, tokenizer, spec, val, golden_idx, catalog)
+    steps.update()
+
+    # 4. thresholds and OOD statistics from the val split
+    stats = decide_stats.calibrate(int8_backend, tokenizer, spec, val, catalog)
+    steps.update()
+
+    # 5. manifest + signature
+    run_dir = Path(checkpoint)
+    manifest = bundle_lib.build_manifest(
+        out, line=opts.line, version=opts.version, expires_days=opts.expires_days,
+        compatible={"input": input_spec(spec), "opset": to_onnx.OPSET, "onnxruntime": ">=1.18"},
+        preprocessing={"image_size": spec.image_size, "mean": spec.mean, "std": spec.std,
+                       "max_tokens": spec.max_tokens, "color": "gray", "resize": "INTER_AREA"},
+        thresholds=stats["thresholds"], ood=stats["ood"],
+        lineage=_lineage(run_dir, opts), metrics={"parity_fp32": parity, "int8_gate": gate,
+                                                   "golden_frames": len(golden), **_eval_metrics(run_dir)},
+        extra={"graphs": {"image_encoder": int8["image_encoder"], "scorer": int8["scorer"],
+                          "text_encoder": "text_encoder.onnx"},
+               "model": {"name": cfg.name, "parameters": model.parameter_count()}})
+    bundle_lib.write_manifest(out, manifest)
+    if opts.key:
+        bundle_lib.sign_bundle(out, opts.key, opts.key_id)
+    steps.update()
+    steps.close()
+    return manifest
+
+
+def input_spec(spec: PreprocessSpec) -> dict:
+    return {"image": [1, spec.image_size, spec.image_size], "dtype": "float32",
+            "max_tokens": spec.max_tokens}
+
+
+def _golden_indices(val) -> np.ndarray:
+    """A few val frames of every defect level (the swap check's fixed set)."""
+    levels = np.asarray(val.levels)
+    picks = [np.flatnonzero(levels == lvl)[:2] for lvl in range(4)]
+    return np.concatenate(picks)[:GOLDEN_FRAMES]
+
+
+def _calibration_feeds(out: Path, spec, tokenizer, catalog, n: int) -> tuple[list, list]:
+    cells = elpv.cells_for("train", limit=n, seed=1234)
+    frames = normalize(elpv.load_images(cells, spec.image_size), spec)
+    image_feeds = [{"image": frames[i:i + 1]} for i in range(len(frames))]
+    fp32 = OnnxBackend(out, int8=False)
+    ids, mask = tokenizer.encode(catalog.displays)
+    texts = fp32.text_features(ids, mask)
+    scorer_feeds = [{"patches": fp32.image_features(frames[i:i + 8]), "text_features": texts}
+                    for i in range(0, len(frames), 8)]
+    return image_feeds, scorer_feeds
+
+
+def _quantize(out: Path, spec, tokenizer, catalog, opts: ExportOptions) -> dict:
+    image_feeds, scorer_feeds = _calibration_feeds(out, spec, tokenizer, catalog, opts.calibration_frames)
+    names = {}
+    for stem, feeds, keep in (("image_encoder", image_feeds, list(opts.keep_fp32)),
+                              ("scorer", scorer_feeds, quantize.head_nodes(out / "scorer.onnx") + list(opts.keep_fp32))):
+        target = out / f"{stem}.int8.onnx"
+        quantize.onnx_to_int8(out / f"{stem}.onnx", target, feeds, opts.calibration, keep)
+        names[stem] = target.name
+    return names
+
+
+def _int8_gate(fp32, int8, tokenizer, spec, val, catalog, opts: ExportOptions, out: Path) -> dict:
+    truth = np.array([val.truth(i) for i in range(len(val))])
+    a = verify.backend_scores(fp32, tokenizer, spec, val.images, catalog.displays)
+    b = verify.backend_scores(int8, tokenizer, spec, val.images, catalog.displays)
+    syn = synthetic_set("synthetic-gate", 200, spec.image_size, 4242, 0.0, None)
+    sa = verify.backend_set_scores(fp32, tokenizer, spec, syn)
+    sb = verify.backend_set_scores(int8, tokenizer, spec, syn)
+    pa = np.concatenate([(verify.right_first(a, truth)[:, :1] > verify.right_first(a, truth)[:, 1:]).ravel(),
+                         (sa[:, :1] > sa[:, 1:]).ravel()]).mean()
+    pb = np.concatenate([(verify.right_first(b, truth)[:, :1] > verify.right_first(b, truth)[:, 1:]).ravel(),
+                         (sb[:, :1] > sb[:, 1:]).ravel()]).mean()
+    agree = verify.agreement(a, b)
+    syn_agree = float((sa.argmax(1) == sb.argmax(1)).mean())
+    top1 = (agree["top1_agreement"] * len(a) + syn_agree * len(sa)) / (len(a) + len(sa))
+    gate = {"split": "val", "pairwise_fp32": float(pa), "pairwise_int8": float(pb),
+            "pairwise_drop_points": float((pa - pb) * 100), "top1_agreement": float(top1),
+            "calibration": opts.calibration, "kept_fp32": list(opts.keep_fp32)}
+    if gate["pairwise_drop_points"] > opts.gate_points or top1 < opts.gate_top1:
+        layers = quantize.diverging_layers(out / "image_encoder.onnx", out / "image_encoder.int8.onnx",
+                                           [{"image": normalize(val.images[:4], spec)}])
+        worst = ", ".join(f"{row['tensor']} ({row['sqnr_db']:.1f} dB)" for row in layers)
+        raise ExportGateError(
+            f"INT8 fails the gate: pairwise {pa:.4f} -> {pb:.4f} ({gate['pairwise_drop_points']:.2f} points, "
+            f"limit {opts.gate_points}), top-1 agreement {top1:.4f} (min {opts.gate_top1}). Most divergent "
+            f"tensors: {worst}. Try "
+            f"--calibration entropy|percentile or --keep-fp32 <node>.")
+    return gate
+
+
+def _write_golden(out: Path, backend, tokenizer, spec, val, idx, catalog) -> list[dict]:
+    golden_dir = out / "golden"
+    golden_dir.mkdir()
+    scores = verify.backend_scores(backend, tokenizer, spec, val.images[idx], catalog.displays)
+    rows = []
+    for i, (cell_index, s) in enumerate(zip(idx, scores)):
+        name = f"golden_{i:02d}.png"
+        cv2.imwrite(str(golden_dir / name), val.images[cell_index])
+        rows.append({"frame": name, "cell": val.ids[cell_index], "verdict": catalog.displays[int(s.argmax())],
+                     "rewards": [round(float(v), 5) for v in s]})
+    (golden_dir / "expected.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def _lineage(run_dir: Path, opts: ExportOptions) -> dict:
+    config = _read_json(run_dir / "config.json")
+    return {"parent_version": opts.parent_version, "training_config": config.get("name"),
+            "training_config_hash": config.get("hash"), "git_commit": _git_commit(),
+            "data": {"elpv_split_sha256": bundle_lib.file_sha256(elpv.SPLIT_FILE),
+                     "catalog_sha256": bundle_lib.file_sha256(EL_CATALOG)},
+            "feedback_ids": list(opts.feedback_ids)}
+
+
+def _eval_metrics(run_dir: Path) -> dict:
+    for name in ("eval_test.json", "eval_val.json"):
+        data = _read_json(run_dir / name)
+        if data:
+            keys = ("split", "elpv_binary_accuracy", "elpv_level_accuracy", "pairwise_accuracy",
+                    "image_swap_accuracy", "heldout_phrasing_accuracy", "ece")
+            return {"eval": {k: data[k] for k in keys if k in data}}
+    return {}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except OSError:
+        return None

@@ -1,0 +1,78 @@
+"""ONNX fp32 -> INT8 (static, QDQ, per-channel) with an accuracy gate.
+
+Calibration frames come deterministically from the ELPV *train* part. The image encoder and
+the scorer are quantized; the scorer's final head stays fp32 (a known INT8 failure point)
+and the text encoder stays fp32 (it only runs for free text; catalog features are
+precomputed). If the gate fails, the nodes whose outputs diverge most are reported
+(onnxruntime's qdq_loss_debug) and can be kept in fp32 with --keep-fp32.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                      QuantType, quantize_static)
+
+METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+           "percentile": CalibrationMethod.Percentile}
+
+
+class QuantizationGateError(RuntimeError):
+    """INT8 lost too much accuracy; the message lists the layers that diverge most."""
+
+
+class ArrayReader(CalibrationDataReader):
+    """Feeds a list of input dicts to the calibrator, one batch at a time."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def head_nodes(scorer_path: Path) -> list[str]:
+    """The scalar head's MatMul/Gemm/Add nodes after the last LayerNorm: kept in fp32."""
+    graph = onnx.load(str(scorer_path)).graph
+    names = [n.name for n in graph.node]
+    kinds = [n.op_type for n in graph.node]
+    last_norm = max((i for i, k in enumerate(kinds) if k in ("LayerNormalization", "ReduceMean")), default=0)
+    return [names[i] for i in range(last_norm, len(names)) if kinds[i] in ("MatMul", "Gemm", "Add")]
+
+
+def onnx_to_int8(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]],
+                 method: str = "minmax", keep_fp32: list[str] | None = None) -> Path:
+    """Static QDQ quantization, per-channel int8 weights, uint8 activations."""
+    if method not in METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(METHODS)}, not {method!r}")
+    extra = {"CalibMovingAverage": True} if method == "minmax" else {}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.99
+    quantize_static(str(fp32_path), str(int8_path), ArrayReader(feeds), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=METHODS[method], nodes_to_exclude=list(keep_fp32 or []),
+                    extra_options=extra)
+    return Path(int8_path)
+
+
+def diverging_layers(fp32_path: Path, int8_path: Path, feeds: list[dict], top: int = 5) -> list[dict]:
+    """Nodes whose int8 activations differ most from fp32 (lowest SQNR first)."""
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
+                                                         create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+    tmp = Path(int8_path).parent
+    aug_fp32, aug_int8 = tmp / "_debug_fp32.onnx", tmp / "_debug_int8.onnx"
+    modify_model_output_intermediate_tensors(str(fp32_path), str(aug_fp32))
+    modify_model_output_intermediate_tensors(str(int8_path), str(aug_int8))
+    try:
+        fp32_acts = collect_activations(str(aug_fp32), ArrayReader(list(feeds)))
+        int8_acts = collect_activations(str(aug_int8), ArrayReader(list(feeds)))
+        errors = compute_activation_error(create_activation_matching(int8_acts, fp32_acts))
+    finally:
+        for p in (aug_fp32, aug_int8):
+            p.unlink(missing_ok=True)
+    rows = [{"tensor": name, "sqnr_db": float(np.mean(e.get("xmodel_err", [np.inf])))}
+            for name, e in errors.items()]
+    return sorted(rows, key=lambda r: r["sqnr_db"])[:top]
