@@ -4,20 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from training.config import load_config
 from training.data import elpv
 from training.train import train
 
 TINY = Path(__file__).resolve().parents[2] / "training" / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    summary = train(load_config(TINY), out)
-    return out, summary
 
 
 def test_every_stage_trains_every_parameter_and_lowers_the_loss(tiny_run):

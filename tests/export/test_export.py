@@ -1,0 +1,58 @@
+"""torch -> ONNX -> INT8 -> signed bundle, checked at every step."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from appliance.scoring.onnx_backend import OnnxBackend
+from export.build_bundle import ExportGateError, ExportOptions, checkpoint_to_bundle
+from models import bundle as lib
+
+
+def test_bundle_records_parity_and_verifies(tiny_bundle):
+    out, public, manifest = tiny_bundle
+    assert manifest["metrics"]["parity_fp32"]["max_abs_reward_delta"] <= 1e-4
+    names = {f["path"] for f in manifest["files"]}
+    for name in ("image_encoder.onnx", "image_encoder.int8.onnx", "text_encoder.onnx", "scorer.onnx",
+                 "scorer.int8.onnx", "tokenizer.json", "catalog.yaml", "catalog_embeddings.npy",
+                 "golden/expected.json"):
+        assert name in names
+    verified = lib.verify_bundle(out, lib.load_public_keys([public]), line="el-solar")
+    assert verified["version"] == 1
+    assert set(verified["thresholds"]) >= {"p_best", "ood_distance", "image_reliance"}
+    assert len(verified["ood"]["mean"]) == 32          # the tiny model's d_model
+    assert verified["lineage"]["training_config"] == "tiny"
+
+
+def test_int8_graphs_are_quantized_and_agree_with_golden_verdicts(tiny_bundle):
+    out, _, manifest = tiny_bundle
+    int8 = OnnxBackend(out, int8=True)
+    assert int8.quantized and int8.provider == "CPUExecutionProvider"
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(out / "image_encoder.int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    golden = json.loads((out / "golden" / "expected.json").read_text())
+    assert len(golden) == manifest["metrics"]["golden_frames"] > 0
+    features = np.load(out / "catalog_embeddings.npy")
+    assert features.shape[0] == 8          # one per catalog entry
+
+
+def test_thresholds_are_not_baked_into_graphs(tiny_bundle):
+    out, _, _ = tiny_bundle
+    import onnx
+    for name in ("scorer.onnx", "scorer.int8.onnx"):
+        graph = onnx.load(str(out / name)).graph
+        assert [o.name for o in graph.output] == ["rewards"]
+        assert {n.op_type for n in graph.node}.isdisjoint({"Greater", "Less", "Where"})
+
+
+def test_failing_int8_gate_names_the_divergent_tensors(tiny_run, tmp_path):
+    opts = ExportOptions(val_limit=16, calibration_frames=8, gate_top1=1.01)
+    with pytest.raises(ExportGateError, match="INT8 fails the gate.*Most divergent tensors"):
+        checkpoint_to_bundle(tiny_run[0], tmp_path / "b", opts)
+
+
+def test_export_of_an_untrained_run_is_a_clear_error(tmp_path):
+    with pytest.raises(ExportGateError, match="no distilled student"):
+        checkpoint_to_bundle(tmp_path, tmp_path / "b", ExportOptions())
