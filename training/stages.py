@@ -44,9 +44,11 @@ class Encoder:
 
 
 def rewards(model: RewardModel, enc: Encoder, frames, texts, c: int, blank=False) -> torch.Tensor:
-    image = enc.blank(len(frames)) if blank else enc.frames(frames)
+    """(B*C) texts against B frames -> (B, C); a blank frame is encoded once, not B times."""
     ids, mask = enc.texts(texts)
-    return model(image, ids, mask, c)
+    if blank:
+        return model(enc.blank(1), ids, mask, len(texts)).reshape(len(frames), c)
+    return model(enc.frames(frames), ids, mask, c)
 
 
 def pair_losses(r: torch.Tensor) -> torch.Tensor:

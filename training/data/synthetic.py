@@ -13,9 +13,9 @@ import numpy as np
 
 DEFECT_TYPES = ("scratch", "crack", "stain", "pit", "burn", "dent")
 LOCATIONS = ("upper left", "upper center", "upper right", "middle left", "center", "middle right",
-             "lower left", "lower center", "lower right")
+             "lower left", "lower center", "lower right")     # 3x3 grid, row-major
 SEVERITIES = ("minor", "moderate", "severe")
-SEVERITY_SCALE = {"minor": 0.45, "moderate": 0.75, "severe": 1.0}
+SEVERITY_SCALE = {"minor": 0.45, "moderate": 0.75, "severe": 1.0}   # multiplies size and contrast
 
 PHRASINGS = (
     "{severity} {defect} in the {location} region",
@@ -39,7 +39,7 @@ NO_DEFECT_PHRASINGS = (
     "inspection passed: no defect found",
     "the surface is intact, no flaws",
 )
-HELDOUT_PHRASING_IDS = frozenset({3, 8})
+HELDOUT_PHRASING_IDS = frozenset({3, 8})      # never used for training
 HELDOUT_NO_DEFECT_IDS = frozenset({4})
 
 
@@ -53,13 +53,16 @@ class DefectFacts:
 NO_DEFECT = DefectFacts(None, None, None)
 
 
+# ---------------------------------------------------------------- backgrounds
+
 def procedural_texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """Brushed metal, speckle or a smooth gradient, mid-gray so defects can go either way."""
     kind = rng.integers(3)
     base = rng.uniform(90, 170)
-    if kind == 0:   # brushed: noise blurred along one axis
+    if kind == 0:    # brushed: noise smeared along one axis
+        streak = (int(rng.integers(9, 25)), 1)
         noise = rng.normal(0, 18, (size, size)).astype(np.float32)
-        img = cv2.blur(noise, (int(rng.integers(9, 25)), 1)) + base
+        img = cv2.blur(noise, streak if rng.random() < 0.5 else streak[::-1]) + base
     elif kind == 1:  # speckle
         img = cv2.GaussianBlur(rng.normal(0, 12, (size, size)).astype(np.float32), (3, 3), 0) + base
     else:            # gradient with mild noise
@@ -69,144 +72,192 @@ def procedural_texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _cell_box(location: str, size: int) -> tuple[int, int, int, int]:
+# ---------------------------------------------------------------- defects
+
+def cell_box(location: str, size: int) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of the 3x3 grid cell named by `location`."""
     row, col = divmod(LOCATIONS.index(location), 3)
-    step = size / 3
-    return int(col * step), int(row * step), int(step), int(step)
+    edges = np.linspace(0, size, 4).astype(int)
+    return int(edges[col]), int(edges[row]), int(edges[col + 1] - edges[col]), int(edges[row + 1] - edges[row])
 
 
-def _point(rng, box, margin=0.25):
+def _center(box, radius: float, rng) -> tuple[float, float]:
+    """A random point at least `radius` from the cell's edges (the cell centre if it cannot be)."""
     x, y, w, h = box
-    return (x + w * rng.uniform(margin, 1 - margin), y + h * rng.uniform(margin, 1 - margin))
+    rx, ry = min(radius, w / 2), min(radius, h / 2)
+    return x + rng.uniform(rx, w - rx), y + rng.uniform(ry, h - ry)
+
+
+def _thickness(box, scale: float, per_width: float) -> int:
+    return max(1, round(box[2] * per_width * scale))
+
+
+def _ipt(point) -> tuple[int, int]:
+    return int(round(point[0])), int(round(point[1]))
 
 
 def render_defect(image: np.ndarray, facts: DefectFacts, rng: np.random.Generator) -> np.ndarray:
+    """A copy of `image` (uint8 HxW) with the defect drawn inside its 3x3 cell."""
     if facts.defect is None:
         return image.copy()
-    size = image.shape[0]
-    box = _cell_box(facts.location, size)
-    scale = SEVERITY_SCALE[facts.severity]
+    box = cell_box(facts.location, image.shape[0])
     layer = np.zeros(image.shape, np.float32)   # signed intensity change
-    DRAW[facts.defect](layer, box, scale, rng)
+    DRAW[facts.defect](layer, box, SEVERITY_SCALE[facts.severity], rng)
     return np.clip(image.astype(np.float32) + layer, 0, 255).astype(np.uint8)
 
 
 def _scratch(layer, box, scale, rng):
-    x, y, w, h = box
-    cx, cy = _point(rng, box, 0.4)
+    """Thin, long, straight line, bright or dark."""
+    half_length = box[2] * 0.45 * (0.4 + 0.6 * scale)
+    cx, cy = _center(box, box[2] * 0.3, rng)
     angle = rng.uniform(0, np.pi)
-    half = 0.45 * w * (0.5 + 0.5 * scale)
-    p1 = (int(cx - half * np.cos(angle)), int(cy - half * np.sin(angle)))
-    p2 = (int(cx + half * np.cos(angle)), int(cy + half * np.sin(angle)))
-    cv2.line(layer, p1, p2, 90 * scale, max(1, int(w * 0.025 * (0.5 + scale))), cv2.LINE_AA)
+    offset = np.array([np.cos(angle), np.sin(angle)]) * half_length
+    _, p1, p2 = cv2.clipLine(box, _ipt((cx, cy) - offset), _ipt((cx, cy) + offset))
+    sign = 1 if rng.random() < 0.5 else -1
+    cv2.line(layer, p1, p2, sign * (40 + 70 * scale), _thickness(box, scale, 0.04), cv2.LINE_AA)
+
+
+def _jagged_line(start, end, segments, jitter, box, rng) -> np.ndarray:
+    """Polyline from start to end whose inner points wander sideways by ~jitter, kept in the box."""
+    start, end = np.asarray(start, np.float64), np.asarray(end, np.float64)
+    along = end - start
+    normal = np.array([-along[1], along[0]]) / max(np.linalg.norm(along), 1e-6)
+    offsets = rng.normal(0, jitter, segments + 1)
+    offsets[[0, -1]] = 0
+    points = start + np.linspace(0, 1, segments + 1)[:, None] * along + offsets[:, None] * normal
+    x, y, w, h = box
+    points = np.clip(points, [x + 1, y + 1], [x + w - 2, y + h - 2])
+    return np.round(points).astype(np.int32)
 
 
 def _crack(layer, box, scale, rng):
-    x, y, w, h = box
-    pts = [_point(rng, box, 0.2)]
-    steps = 4 + int(5 * scale)
-    direction = rng.uniform(0, 2 * np.pi)
-    for _ in range(steps):
-        direction += rng.normal(0, 0.6)
-        step = w * 0.09
-        nx = np.clip(pts[-1][0] + step * np.cos(direction), x + 2, x + w - 2)
-        ny = np.clip(pts[-1][1] + step * np.sin(direction), y + 2, y + h - 2)
-        pts.append((nx, ny))
-    poly = np.array(pts, np.int32)
-    cv2.polylines(layer, [poly], False, -110 * scale, max(1, int(w * 0.03 * (0.5 + scale))), cv2.LINE_AA)
-    branch = poly[len(poly) // 2]
-    end = (int(np.clip(branch[0] + rng.normal(0, w * 0.2), x, x + w)), int(np.clip(branch[1] + rng.normal(0, h * 0.2), y, y + h)))
-    cv2.line(layer, tuple(int(v) for v in branch), end, -90 * scale, 1, cv2.LINE_AA)
+    """Dark jagged polyline with side branches (longer, thicker and more branches when severe)."""
+    w = box[2]
+    length = w * 0.75 * (0.4 + 0.6 * scale)
+    direction = rng.uniform(0, np.pi)
+    heading = np.array([np.cos(direction), np.sin(direction)])
+    center = np.array(_center(box, length / 2 + 2, rng))
+    trunk = _jagged_line(center - heading * length / 2, center + heading * length / 2,
+                         4 + round(6 * scale), w * 0.022, box, rng)
+    cv2.polylines(layer, [trunk], False, -(50 + 70 * scale), _thickness(box, scale, 0.035), cv2.LINE_AA)
+    for _ in range(1 + int(scale >= 0.75) + int(scale >= 1.0)):
+        fork = trunk[rng.integers(1, len(trunk) - 1)]
+        side = direction + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2)
+        tip = fork + np.array([np.cos(side), np.sin(side)]) * length * rng.uniform(0.25, 0.45)
+        branch = _jagged_line(fork, tip, 3, w * 0.025, box, rng)
+        cv2.polylines(layer, [branch], False, -(40 + 60 * scale), 1, cv2.LINE_AA)
 
 
 def _stain(layer, box, scale, rng):
-    x, y, w, h = box
-    cx, cy = _point(rng, box, 0.35)
-    axes = (int(w * 0.28 * (0.4 + scale)), int(h * 0.2 * (0.4 + scale)))
+    """Soft, blurred, darker blob made of two overlapping ellipses."""
+    w = box[2]
+    axes = np.array([w * 0.22, w * 0.15]) * (0.4 + scale)
+    cx, cy = _center(box, axes[0] + w * 0.05, rng)
     blob = np.zeros_like(layer)
-    cv2.ellipse(blob, (int(cx), int(cy)), axes, rng.uniform(0, 180), 0, 360, -70 * scale, -1)
-    k = max(3, int(w * 0.15) | 1)
-    layer += cv2.GaussianBlur(blob, (k, k), 0)
+    for _ in range(2):
+        shift = rng.normal(0, w * 0.04, 2)
+        cv2.ellipse(blob, _ipt((cx + shift[0], cy + shift[1])), _ipt(axes * rng.uniform(0.7, 1.0, 2)),
+                    rng.uniform(0, 180), 0, 360, 1.0, -1)
+    blob = np.minimum(blob, 1.0) * -(40 + 50 * scale)
+    kernel = max(3, int(w * 0.15) | 1)
+    layer += cv2.GaussianBlur(blob, (kernel, kernel), 0)
 
 
 def _pit(layer, box, scale, rng):
-    x, y, w, h = box
-    for _ in range(3 + int(6 * scale)):
-        cx, cy = _point(rng, box, 0.2)
-        cv2.circle(layer, (int(cx), int(cy)), max(1, int(w * 0.03 * (0.6 + scale))), -120 * scale, -1, cv2.LINE_AA)
+    """Cluster of small dark dots."""
+    w = box[2]
+    spread = w * 0.16 * (0.5 + scale)
+    radius = max(1, round(w * 0.03 * (0.5 + scale)))
+    cx, cy = _center(box, spread + radius, rng)
+    for _ in range(3 + round(7 * scale)):
+        dx, dy = np.clip(rng.normal(0, spread / 2, 2), -spread, spread)
+        cv2.circle(layer, _ipt((cx + dx, cy + dy)), radius, -(50 + 80 * scale), -1, cv2.LINE_AA)
 
 
 def _burn(layer, box, scale, rng):
-    x, y, w, h = box
-    cx, cy = _point(rng, box, 0.35)
-    n = 9
-    radius = w * 0.25 * (0.4 + scale)
-    angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    radii = radius * rng.uniform(0.6, 1.2, n)
-    pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).astype(np.int32)
-    cv2.fillPoly(layer, [pts], -100 * scale, cv2.LINE_AA)
-    cv2.polylines(layer, [pts], True, 60 * scale, max(1, int(w * 0.03)), cv2.LINE_AA)
+    """Dark irregular region, darker in the core, with a bright rim."""
+    w = box[2]
+    radius = w * 0.2 * (0.4 + scale)
+    cx, cy = _center(box, radius * 1.25 + 2, rng)
+    corners = 11
+    angles = (np.arange(corners) + rng.uniform(-0.3, 0.3, corners)) * 2 * np.pi / corners
+    radii = radius * rng.uniform(0.65, 1.25, len(angles))
+    outline = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+    core = np.array([cx, cy]) + (outline - [cx, cy]) * 0.55
+    char = np.zeros_like(layer)
+    cv2.fillPoly(char, [np.round(outline).astype(np.int32)], -(40 + 50 * scale), cv2.LINE_AA)
+    cv2.fillPoly(char, [np.round(core).astype(np.int32)], -(70 + 80 * scale), cv2.LINE_AA)
+    layer += cv2.GaussianBlur(char, (3, 3), 0)
+    cv2.polylines(layer, [np.round(outline).astype(np.int32)], True, 40 + 50 * scale,
+                  _thickness(box, scale, 0.03), cv2.LINE_AA)
 
 
 def _dent(layer, box, scale, rng):
-    x, y, w, h = box
-    cx, cy = _point(rng, box, 0.35)
-    axes = (int(w * 0.22 * (0.4 + scale)), int(h * 0.16 * (0.4 + scale)))
-    shade = np.zeros_like(layer)
-    cv2.ellipse(shade, (int(cx), int(cy)), axes, 0, 0, 360, -60 * scale, -1)
-    cv2.ellipse(shade, (int(cx - axes[0] * 0.3), int(cy - axes[1] * 0.3)), (axes[0] // 2, axes[1] // 2),
-                0, 0, 360, 70 * scale, -1)
-    layer += cv2.GaussianBlur(shade, (5, 5), 0)
+    """Ellipse shaded like a depression: a highlight on one side, a shadow on the other."""
+    w = box[2]
+    axes = np.array([w * 0.2, w * 0.15]) * (0.4 + scale)
+    cx, cy = _center(box, axes[0] + 2, rng)
+    mask = np.zeros_like(layer)
+    cv2.ellipse(mask, _ipt((cx, cy)), _ipt(axes), rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA)
+    light = rng.uniform(0, 2 * np.pi)
+    ys, xs = np.mgrid[0:layer.shape[0], 0:layer.shape[1]].astype(np.float32)
+    ramp = ((xs - cx) * np.cos(light) + (ys - cy) * np.sin(light)) / axes[0]
+    layer += cv2.GaussianBlur(mask * np.clip(ramp, -1, 1) * (50 + 70 * scale), (5, 5), 0)
 
 
 DRAW = {"scratch": _scratch, "crack": _crack, "stain": _stain, "pit": _pit, "burn": _burn, "dent": _dent}
 
 
+# ---------------------------------------------------------------- samples
+
 def sample_facts(rng: np.random.Generator, p_no_defect: float = 0.2) -> DefectFacts:
     if rng.random() < p_no_defect:
         return NO_DEFECT
-    return DefectFacts(DEFECT_TYPES[rng.integers(6)], LOCATIONS[rng.integers(9)], SEVERITIES[rng.integers(3)])
+    return DefectFacts(DEFECT_TYPES[rng.integers(len(DEFECT_TYPES))], LOCATIONS[rng.integers(len(LOCATIONS))],
+                       SEVERITIES[rng.integers(len(SEVERITIES))])
 
 
 def render_sample(rng: np.random.Generator, size: int = 160,
                   background: np.ndarray | None = None) -> tuple[np.ndarray, DefectFacts]:
+    """A size x size uint8 frame with a random defect (or none) and its facts.
+    `background` (grayscale, any size) replaces the procedural texture, e.g. a defect-free ELPV cell."""
     if background is None:
         image = procedural_texture(rng, size)
     else:
-        image = cv2.resize(background, (size, size), interpolation=cv2.INTER_AREA)
+        gray = cv2.cvtColor(background, cv2.COLOR_BGR2GRAY) if background.ndim == 3 else background
+        image = cv2.resize(gray.astype(np.uint8), (size, size), interpolation=cv2.INTER_AREA)
     facts = sample_facts(rng)
     return render_defect(image, facts, rng), facts
 
 
-def _other(options, current, rng):
-    choices = [o for o in options if o != current]
-    return choices[rng.integers(len(choices))]
+def one_fact_changes(facts: DefectFacts) -> list[list[DefectFacts]]:
+    """All facts differing from `facts` in exactly one fact, grouped by the fact that changed."""
+    if facts.defect is None:     # the one change: there is a defect (any one)
+        return [[DefectFacts(d, loc, sev) for d in DEFECT_TYPES for loc in LOCATIONS for sev in SEVERITIES]]
+    return [[replace(facts, defect=d) for d in DEFECT_TYPES if d != facts.defect],
+            [replace(facts, location=loc) for loc in LOCATIONS if loc != facts.location],
+            [replace(facts, severity=sev) for sev in SEVERITIES if sev != facts.severity],
+            [NO_DEFECT]]
 
 
 def hard_negatives(facts: DefectFacts, rng: np.random.Generator, k: int = 3) -> list[DefectFacts]:
-    """k distinct facts, each differing from `facts` in exactly one respect."""
-    if facts.defect is None:   # the only one-fact change: "there is a defect"
-        negatives = set()
-        while len(negatives) < k:
-            negatives.add(sample_facts(rng, p_no_defect=0.0))
-        return sorted(negatives, key=lambda f: (f.defect, f.location, f.severity))[:k]
-    changes = [lambda: replace(facts, defect=_other(DEFECT_TYPES, facts.defect, rng)),
-               lambda: replace(facts, location=_other(LOCATIONS, facts.location, rng)),
-               lambda: replace(facts, severity=_other(SEVERITIES, facts.severity, rng)),
-               lambda: NO_DEFECT]
-    out: list[DefectFacts] = []
-    order = list(rng.permutation(4))
-    while len(out) < k:
-        candidate = changes[order[len(out) % 4]]() if len(out) < 4 else changes[rng.integers(3)]()
-        if candidate not in out:
-            out.append(candidate)
-    return out
+    """k distinct facts, each differing from `facts` in exactly one fact; the changed facts
+    are taken in turn (type, location, severity, presence in random order) so k <= 4 never
+    repeats a kind of change."""
+    groups = [[group[i] for i in rng.permutation(len(group))] for group in one_fact_changes(facts)]
+    groups = [groups[i] for i in rng.permutation(len(groups))]
+    in_turn = [group[i] for i in range(max(map(len, groups))) for group in groups if i < len(group)]
+    if k > len(in_turn):
+        raise ValueError(f"only {len(in_turn)} one-fact changes of {facts}, asked for {k}")
+    return in_turn[:k]
 
 
 def describe(facts: DefectFacts, rng: np.random.Generator, heldout: bool = False) -> str:
+    """One explanation of `facts`; heldout picks only from the held-out templates, else only from the others."""
     if facts.defect is None:
-        ids = [i for i in range(len(NO_DEFECT_PHRASINGS)) if (i in HELDOUT_NO_DEFECT_IDS) == heldout]
-        return NO_DEFECT_PHRASINGS[ids[rng.integers(len(ids))]]
-    ids = [i for i in range(len(PHRASINGS)) if (i in HELDOUT_PHRASING_IDS) == heldout]
-    template = PHRASINGS[ids[rng.integers(len(ids))]]
-    return template.format(defect=facts.defect, location=facts.location, severity=facts.severity)
+        templates, held = NO_DEFECT_PHRASINGS, HELDOUT_NO_DEFECT_IDS
+    else:
+        templates, held = PHRASINGS, HELDOUT_PHRASING_IDS
+    ids = [i for i in range(len(templates)) if (i in held) == heldout]
+    return templates[ids[rng.integers(len(ids))]].format(
+        defect=facts.defect, location=facts.location, severity=facts.severity)

@@ -1,6 +1,10 @@
 """Text-only preference pairs for the first stage: specific and consistent explanations
 over vague, contradictory, incomplete or malformed ones. A frame is not needed to rank
-these, which is exactly what the text-only shortcut proxy learns."""
+these, which is exactly what the text-only shortcut proxy learns.
+
+Chosen texts include no-defect explanations (as often as synthetic.sample_facts gives them)
+so that this stage does not teach "no defect" wordings to score low: they also appear inside
+the contradictory rejected texts."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,45 +13,53 @@ from training.data import synthetic
 
 VAGUE = ("something looks off", "maybe a problem somewhere", "not sure, could be anything",
          "there might be an issue", "looks weird", "defect?", "some kind of mark maybe")
+EMPTY_ISH = ("...", "??", "-", "n/a", ". . .", "!!")
 
 
-def _contradictory(facts, rng) -> str:
-    no_defect = synthetic.NO_DEFECT_PHRASINGS[rng.integers(len(synthetic.NO_DEFECT_PHRASINGS))]
-    return f"{no_defect}; {facts.severity} {facts.defect} in the {facts.location}"
+def _pick(options, rng):
+    return options[rng.integers(len(options))]
 
 
-def _incomplete(facts, rng) -> str:
-    return [f"a {facts.defect}", f"something {facts.severity} in the {facts.location}",
-            f"defect at the {facts.location}"][rng.integers(3)]
+def vague(chosen: str, rng) -> str:
+    return _pick(VAGUE, rng)
 
 
-def _malformed(text: str, rng) -> str:
-    words = text.split()
+def contradictory(chosen: str, rng) -> str:
+    """Says there is no defect and names one in the same breath (training wordings only)."""
+    defect = synthetic.sample_facts(rng, p_no_defect=0.0)
+    no_defect = synthetic.describe(synthetic.NO_DEFECT, rng)
+    return f"{no_defect}; {defect.severity} {defect.defect} in the {defect.location}"
+
+
+def incomplete(chosen: str, rng) -> str:
+    """A defect missing its location and/or severity (or its type)."""
+    f = synthetic.sample_facts(rng, p_no_defect=0.0)
+    return _pick((f"a {f.defect}", f"{f.severity} {f.defect}", f"{f.defect} somewhere on the part",
+                  f"something {f.severity} in the {f.location}", f"defect at the {f.location}"), rng)
+
+
+def malformed(chosen: str, rng) -> str:
+    """Shuffled, truncated, stuttering or punctuation-only versions of the chosen text."""
+    words = chosen.split()
     kind = rng.integers(4)
     if kind == 0:
-        rng.shuffle(words)
-        return " ".join(words)
+        return " ".join(words[i] for i in rng.permutation(len(words)))
     if kind == 1:
         return " ".join(words[: max(1, len(words) // 3)])
     if kind == 2:
-        return " ".join(w for w in words for _ in range(2))
-    return "... ?? " + words[0] + " !!"
+        return " ".join(w for w in words for _ in range(int(rng.integers(2, 4))))
+    return _pick(EMPTY_ISH, rng)
+
+
+REJECTION_KINDS = (vague, contradictory, incomplete, malformed)
 
 
 def text_preference_pairs(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    """n (chosen, rejected) pairs; chosen = synthetic.describe of random facts (training phrasings)."""
     pairs = []
     while len(pairs) < n:
-        facts = synthetic.sample_facts(rng, p_no_defect=0.0)
-        chosen = synthetic.describe(facts, rng)
-        kind = rng.integers(4)
-        if kind == 0:
-            rejected = VAGUE[rng.integers(len(VAGUE))]
-        elif kind == 1:
-            rejected = _contradictory(facts, rng)
-        elif kind == 2:
-            rejected = _incomplete(facts, rng)
-        else:
-            rejected = _malformed(chosen, rng)
+        chosen = synthetic.describe(synthetic.sample_facts(rng), rng)
+        rejected = _pick(REJECTION_KINDS, rng)(chosen, rng)
         if rejected.strip() and rejected != chosen:
             pairs.append((chosen, rejected))
     return pairs
