@@ -1,19 +1,22 @@
+# Two commands on a fresh machine: `make run` (the appliance demo) and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BUNDLE := models/bundles/el-solar-default
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: run test install train-demo clean
+.PHONY: run test install train-demo train-full eval-full default-bundle bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	# torch first, pinned: the CPU build lies on local disk.
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[edge,train,dev]'
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU build lies on local disk; anything else pulls CUDA wheels.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[edge,train,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,5 +30,25 @@ test: $(STAMP)
 train-demo: $(STAMP)
 	$(BIN)/linejudge train --config training/configs/demo.yaml --out runs/demo
 
+# The shipped model: train (about an hour on 2 CPU cores), evaluate on the test split, export.
+train-full: $(STAMP)
+	$(BIN)/linejudge train --config training/configs/full.yaml --out runs/full
+
+eval-full: $(STAMP)
+	$(BIN)/linejudge eval --model runs/full --split test --json runs/full/eval_test.json
+	mkdir -p reports/full && cp runs/full/eval_test* reports/full/ && cp runs/full/summary.json reports/full/
+
+keys/hq.key:
+	$(BIN)/linejudge bundle keygen --out keys --key-id hq
+	mkdir -p models/keys && cp keys/hq.pub models/keys/hq.pub
+
+default-bundle: $(STAMP) keys/hq.key
+	$(BIN)/linejudge export --checkpoint runs/full --out $(BUNDLE) --key keys/hq.key --key-id hq
+	$(BIN)/linejudge bundle verify $(BUNDLE)
+
+bench: $(STAMP)
+	$(BIN)/linejudge bench --run runs/full --bundle $(BUNDLE) --json reports/bench/bench.json
+	$(BIN)/linejudge bench --pipeline --bundle $(BUNDLE) --json reports/bench/pipeline.json
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs state

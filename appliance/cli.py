@@ -15,6 +15,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "bundles" / "el-solar-default"
 
 
+def cmd_run(args) -> int:
+    from appliance.config import load_config
+    from appliance.server import serve
+    return serve(load_config(args.config))
+
+
+def cmd_demo(args) -> int:
+    from appliance.config import config_from_dict
+    from appliance.server import serve
+    cfg = config_from_dict({"state_dir": args.state_dir, "port": args.port, "host": args.host,
+                            "source": args.source, "max_fps": args.max_fps,
+                            "operator_pins": {"operator": "1234"}}, "demo")
+    print(f"linejudge demo: open http://{cfg.host}:{cfg.port}  (Review tab: operator / PIN 1234)\n"
+          f"state: {cfg.db_path}", flush=True)
+    return serve(cfg)
+
+
 def cmd_train(args) -> int:
     from training.config import load_config
     config = load_config(args.config)
@@ -86,6 +103,18 @@ def _default_trust(bundle) -> list:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linejudge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the appliance from a config file")
+    p.add_argument("--config", required=True, help="appliance YAML (see systemd/appliance.example.yaml)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the appliance on defaults: default bundle, ELPV replay camera")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--state-dir", default="state/demo")
+    p.add_argument("--source", default="elpv:test", help="camera source (default: ELPV test-split replay)")
+    p.add_argument("--max-fps", type=float, default=5.0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train the reward models stage by stage (HQ)")
     p.add_argument("--config", required=True, help="training/configs/<name>.yaml")

@@ -37,11 +37,17 @@ class _Int32Text(nn.Module):
 
 
 def _export(module, args, path, inputs, outputs, dynamic, opset):
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)   # the fused kernel has no ONNX form
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
-                          dynamic_axes=dynamic, opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
+        _torch_onnx_export(module, args, path, inputs, outputs, dynamic, opset)
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _torch_onnx_export(module, args, path, inputs, outputs, dynamic, opset):
+    torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
+                      dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
 
 
 def torch_to_onnx(model: RewardModel, out_dir: Path, opset: int = OPSET) -> dict[str, Path]:

@@ -1,0 +1,104 @@
+"""HTTP API beside the touchscreen UI: score a frame, health, Prometheus metrics.
+
+Every bad request gets a 4xx with a message that says what to fix; nothing a client
+sends can stop the inspection loop.
+"""
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from appliance import metrics
+from appliance.errors import BadExplanation, BadFrame, LinejudgeError
+from appliance.preprocess import MAX_EXPLANATION_CHARS, decode_image_bytes
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_CANDIDATES = 256
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _parse_candidates(raw) -> list[str]:
+    if raw in (None, "", []):
+        return []
+    if isinstance(raw, (bytes, str)):
+        try:
+            raw = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadExplanation("candidates must be a JSON list of strings") from None
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        raise BadExplanation("candidates must be a JSON list of strings")
+    if len(raw) > MAX_CANDIDATES:
+        raise BadExplanation(f"at most {MAX_CANDIDATES} candidates per request")
+    return raw
+
+
+async def _read_request(request: Request) -> tuple[bytes, list[str], bool]:
+    """multipart/form-data (image file + candidates JSON) or a raw image body."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_part_size=MAX_IMAGE_BYTES)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise BadFrame("send the frame as a file field named 'image'")
+        image = await upload.read()
+        only = str(form.get("only_candidates", "false")).lower() in ("1", "true", "yes")
+        return image, _parse_candidates(form.get("candidates")), only
+    if ctype.startswith("application/json"):
+        raise BadFrame("send the frame as multipart/form-data (field 'image') or as a raw image/* body")
+    body = await request.body()
+    cands = request.query_params.get("candidates")
+    return body, _parse_candidates(cands), False
+
+
+def create_api(appliance) -> FastAPI:
+    app = FastAPI(title="linejudge appliance API", version="1")
+
+    @app.exception_handler(LinejudgeError)
+    async def _domain_error(_, exc: LinejudgeError):
+        return _error(400, str(exc))
+
+    @app.post("/v1/score")
+    async def score(request: Request):
+        length = int(request.headers.get("content-length") or 0)
+        if length > MAX_IMAGE_BYTES + 64 * MAX_EXPLANATION_CHARS:
+            return _error(413, f"request too large; frames up to {MAX_IMAGE_BYTES // 2**20} MB")
+        try:
+            image, candidates, only = await _read_request(request)
+        except UnicodeDecodeError:
+            return _error(400, "the request is not valid UTF-8")
+        frame = decode_image_bytes(image)
+        if only and not candidates:
+            raise BadExplanation("only_candidates needs a non-empty candidates list")
+        inspection_id, judgement = appliance.inspect(frame, candidates, only, source="api")
+        d = judgement.decision
+        return {"inspection_id": inspection_id, "verdict": d.verdict, "p_best": d.p_best,
+                "flagged": d.flagged, "reasons": d.reasons, "model_version": judgement.model_version,
+                "latency_ms": round(judgement.latency_ms, 2),
+                "ranking": [{"text": t, "score": s} for t, s in d.ranking]}
+
+    @app.get("/healthz")
+    def healthz():
+        age = appliance.seconds_since_progress()
+        healthy = age < 30
+        body = {"ok": healthy, "model_version": appliance.runtime.version,
+                "provider": appliance.runtime.provider, "seconds_since_last_inspection": round(age, 1)}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(metrics.render(appliance.store.stats()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/status")
+    def status():
+        return appliance.status()
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def _bad_json(_, exc):
+        return PlainTextResponse(f"malformed JSON: {exc}", status_code=400)
+
+    return app

@@ -1,0 +1,227 @@
+"""Camera sources and a latest-frame grabber.
+
+A source has a `name`, `read()` (a frame, or None when none is ready now) and `close()`.
+FolderReplay cycles over image files (the demo source). OpenCVSource wraps cv2.VideoCapture
+for USB indexes, /dev/videoN (V4L2), rtsp:// and http(s):// streams, GStreamer pipelines and
+video files, reconnecting with exponential backoff. LatestFrameGrabber reads in a background
+thread and keeps only the newest frame, so inference never works through a stale backlog.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import cv2
+import numpy as np
+
+from appliance.errors import CaptureError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
+NETWORK_TIMEOUT_MS = 5000
+IDLE_WAIT = 0.01            # the grabber's pause when a source has no frame ready
+
+
+class FrameSource(Protocol):
+    name: str
+
+    def read(self) -> np.ndarray | None: ...
+
+    def close(self) -> None: ...
+
+
+class FolderReplay:
+    """Replays the images of a folder in sorted order, from the start again when loop=True."""
+
+    def __init__(self, folder: str | Path, loop: bool = True):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CaptureError(f"replay folder {self.folder} does not exist; give a folder of png/jpg frames")
+        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise CaptureError(f"no png/jpg images in {self.folder}; put some frames there")
+        self.loop, self.name = loop, f"folder:{self.folder}"
+        self.position, self.current = 0, None
+
+    def read(self) -> np.ndarray | None:
+        """The next readable image (unreadable files are skipped); None once done if loop=False."""
+        for _ in range(len(self.files)):
+            if self.position >= len(self.files):
+                if not self.loop:
+                    return None
+                self.position = 0
+            path = self.files[self.position]
+            self.position += 1
+            frame = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if frame is not None and frame.size:
+                self.current = path
+                return frame
+            log.warning("replay: skipping unreadable image %s", path)
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def capture_target(spec: str | int) -> tuple[str | int, int]:
+    """(what to open, OpenCV backend) for a camera spec."""
+    if isinstance(spec, int) or str(spec).isdigit():
+        return int(spec), cv2.CAP_ANY
+    spec = str(spec)
+    if spec.startswith("/dev/video"):
+        return spec, cv2.CAP_V4L2
+    if "!" in spec:
+        return spec, cv2.CAP_GSTREAMER
+    return spec, cv2.CAP_ANY
+
+
+def _is_network(spec: str | int) -> bool:
+    return isinstance(spec, str) and spec.lower().startswith(("rtsp://", "http://", "https://"))
+
+
+class OpenCVSource:
+    """A cv2.VideoCapture that reconnects: after a failed read it waits 0.5 s, doubling to 30 s.
+
+    read() tries once and returns None on failure (after the backoff wait), so a caller's
+    loop keeps control; with max_failures set, that many failures in a row raise CaptureError.
+    `sleep` and `opener` are injectable for tests; the default sleep ends early on close().
+    """
+
+    def __init__(self, spec: str | int, *, max_failures: int | None = None,
+                 sleep: Callable[[float], object] | None = None, opener: Callable = cv2.VideoCapture):
+        self.spec, self.name = spec, str(spec)
+        self.target, self.api = capture_target(spec)
+        self.max_failures, self.failures, self.backoff = max_failures, 0, BACKOFF_START
+        self._closed = threading.Event()
+        self._sleep = sleep or self._closed.wait
+        self._opener, self._cap, self._lock = opener, None, threading.Lock()
+
+    def _open(self):
+        params = []
+        if _is_network(self.spec):
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS,
+                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS]
+        cap = self._opener(self.target, self.api, params)
+        if cap.isOpened():
+            log.info("camera %s opened", self.name)
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)     # live cameras: do not queue stale frames
+            return cap
+        cap.release()
+        return None
+
+    def read(self) -> np.ndarray | None:
+        with self._lock:
+            if self._closed.is_set():
+                return None
+            if self._cap is None:
+                self._cap = self._open()
+            ok, frame = self._cap.read() if self._cap is not None else (False, None)
+            if ok and frame is not None:
+                if self.failures:
+                    log.info("camera %s: frames again after %d failed attempts", self.name, self.failures)
+                self.failures, self.backoff = 0, BACKOFF_START
+                return frame
+            if self._cap is not None:
+                self._cap.release()
+                self._cap = None
+        self._after_failure()
+        return None
+
+    def _after_failure(self) -> None:
+        self.failures += 1
+        if self.max_failures is not None and self.failures >= self.max_failures:
+            raise CaptureError(f"camera {self.name}: no frames after {self.failures} attempts; "
+                               "check the cable, the URL or the path")
+        log.warning("camera %s: no frame (attempt %d); reconnecting in %.1f s",
+                    self.name, self.failures, self.backoff)
+        self._sleep(self.backoff)
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+
+    def close(self) -> None:
+        self._closed.set()          # wakes a backoff wait at once
+        with self._lock:
+            if self._cap is not None:
+                self._cap.release()
+                self._cap = None
+
+
+def open_source(spec: str | int | Path) -> FrameSource:
+    """"folder:/path" or a directory -> FolderReplay; anything else -> OpenCVSource."""
+    if isinstance(spec, str) and spec.startswith("folder:"):
+        return FolderReplay(spec[len("folder:"):])
+    if isinstance(spec, (str, Path)) and not str(spec).isdigit() and Path(spec).is_dir():
+        return FolderReplay(spec)
+    return OpenCVSource(spec if isinstance(spec, int) else str(spec))
+
+
+class LatestFrameGrabber:
+    """Reads `source` in a background thread, at most `max_fps` frames a second, keeping only
+    the newest frame. `captured` counts frames read, `dropped` those replaced before get()."""
+
+    def __init__(self, source: FrameSource, max_fps: float | None = None, *, start: bool = True):
+        self.source = source
+        self.min_interval = 1.0 / max_fps if max_fps else 0.0
+        self.captured = self.dropped = 0
+        self.error: BaseException | None = None
+        self._frame, self._frame_id, self._taken_id = None, 0, 0
+        self._cond, self._stop = threading.Condition(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"grab {source.name}", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> "LatestFrameGrabber":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                frame = self.source.read()
+            except Exception as exc:        # CaptureError or a driver error: get() reports it
+                log.error("capture from %s stopped: %s", self.source.name, exc)
+                with self._cond:
+                    self.error = exc
+                    self._cond.notify_all()
+                return
+            if frame is not None:
+                self._publish(frame)
+            pause = self.min_interval - (time.monotonic() - started)
+            self._stop.wait(max(pause, 0.0 if frame is not None else IDLE_WAIT))
+
+    def _publish(self, frame: np.ndarray) -> None:
+        with self._cond:
+            if self._frame_id > self._taken_id:
+                self.dropped += 1
+            self._frame, self._frame_id = frame, self._frame_id + 1
+            self.captured += 1
+            self._cond.notify_all()
+
+    def _has_news(self) -> bool:
+        return self._frame_id > self._taken_id or self.error is not None or self._stop.is_set()
+
+    def get(self, timeout: float = 5.0) -> tuple[int, np.ndarray]:
+        """The newest frame not yet taken, with its id (gaps in ids are dropped frames)."""
+        with self._cond:
+            if not self._cond.wait_for(self._has_news, timeout):
+                raise CaptureError(f"no frame from {self.source.name} within {timeout:g} s; check the camera")
+            if self._frame_id > self._taken_id:
+                self._taken_id = self._frame_id
+                return self._frame_id, self._frame
+            if self.error is not None:
+                raise CaptureError(f"capture from {self.source.name} stopped: {self.error}") from self.error
+            raise CaptureError(f"the grabber for {self.source.name} was stopped")
+
+    def stop(self, close_source: bool = True) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if close_source:
+            self.source.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)

@@ -1,0 +1,97 @@
+"""Appliance configuration: one YAML file -> a frozen, validated dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from appliance.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BUNDLE = ROOT / "models" / "bundles" / "el-solar-default"
+DEFAULT_KEYS = ROOT / "models" / "keys"
+
+
+@dataclass(frozen=True)
+class ApplianceConfig:
+    state_dir: Path = Path("state")
+    bundle: Path = DEFAULT_BUNDLE           # the bundle to start with if none is installed
+    trusted_keys: tuple[Path, ...] = ()     # empty = models/keys/*.pub
+    line: str = "el-solar"
+    station: str = "station-1"
+    source: str = "elpv:test"               # camera: USB index, /dev/videoN, URL, GStreamer, file, folder
+    max_fps: float = 10.0
+    backend: str = "onnxruntime"            # or "tensorrt"
+    providers: tuple[str, ...] = ("cpu",)   # e.g. ["tensorrt", "cuda", "cpu"]
+    allow_provider_fallback: bool = False
+    threads: int | None = None
+    thresholds: dict = field(default_factory=dict)   # overrides of the manifest's defaults
+    host: str = "127.0.0.1"
+    port: int = 7860
+    save_frames: bool = True
+    frame_budget_mb: float = 500.0
+    retention_days: float = 30.0
+    hq_url: str | None = None
+    hq_token_file: Path | None = None
+    operator_pins: dict = field(default_factory=dict)  # name -> PIN, hashed into the store on start
+
+    def __post_init__(self):
+        if self.max_fps <= 0:
+            raise ConfigError("max_fps must be positive")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port {self.port} is not a TCP port")
+        if self.backend not in ("onnxruntime", "tensorrt"):
+            raise ConfigError(f"backend must be onnxruntime or tensorrt, not {self.backend!r}")
+        unknown = set(self.thresholds) - {"p_best", "ood_distance", "image_reliance"}
+        if unknown:
+            raise ConfigError(f"unknown thresholds {sorted(unknown)}; use p_best, ood_distance, image_reliance")
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.state_dir) / "appliance.db"
+
+    @property
+    def frames_dir(self) -> Path:
+        return Path(self.state_dir) / "frames"
+
+    @property
+    def bundles_dir(self) -> Path:
+        return Path(self.state_dir) / "bundles"
+
+    def key_files(self) -> list[Path]:
+        return list(self.trusted_keys) or sorted(DEFAULT_KEYS.glob("*.pub"))
+
+
+PATH_FIELDS = {"state_dir", "bundle", "hq_token_file"}
+
+
+def config_from_dict(data: dict, where: str = "config") -> ApplianceConfig:
+    known = {f.name for f in fields(ApplianceConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
+    values = {}
+    for key, value in data.items():
+        if key in PATH_FIELDS and value is not None:
+            value = Path(value)
+        elif key == "trusted_keys":
+            value = tuple(Path(v) for v in value)
+        elif key == "providers":
+            value = tuple(value)
+        values[key] = value
+    try:
+        return ApplianceConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_config(path: str | Path) -> ApplianceConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"appliance config {path} does not exist; start from systemd/appliance.example.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return config_from_dict(data, str(path))

@@ -1,0 +1,29 @@
+"""Prometheus metrics of the appliance (served at GET /metrics)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry()
+FRAMES = Counter("linejudge_frames_total", "Frames judged", registry=REGISTRY)
+FLAGS = Counter("linejudge_flags_total", "Inspections flagged for an operator", ["reason"], registry=REGISTRY)
+LATENCY = Histogram("linejudge_latency_seconds", "Judge latency per frame", registry=REGISTRY,
+                    buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1, 2))
+DROPPED = Gauge("linejudge_dropped_frames", "Camera frames dropped because scoring lagged", registry=REGISTRY)
+QUEUE = Gauge("linejudge_review_queue_depth", "Flagged inspections awaiting review", registry=REGISTRY)
+OUTBOX = Gauge("linejudge_outbox_unsent", "Outbox rows not yet sent to HQ", registry=REGISTRY)
+MODEL_VERSION = Gauge("linejudge_model_version", "Version of the active model bundle", registry=REGISTRY)
+ERRORS = Counter("linejudge_inspection_errors_total", "Frames that failed to be judged", registry=REGISTRY)
+
+
+def observe(judgement) -> None:
+    FRAMES.inc()
+    LATENCY.observe(judgement.latency_ms / 1000)
+    for reason in judgement.decision.reasons:
+        FLAGS.labels(reason.split(":")[0]).inc()
+
+
+def render(stats: dict | None = None) -> bytes:
+    if stats:
+        QUEUE.set(stats.get("review_queue", 0))
+        OUTBOX.set(stats.get("outbox_unsent", 0))
+    return generate_latest(REGISTRY)

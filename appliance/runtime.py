@@ -1,0 +1,87 @@
+"""A verified bundle, ready to judge frames: preprocessing, cached catalog features, scoring
+backend and the decide step, with the bundle's thresholds as runtime defaults."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from appliance.candidates import load_catalog, merge_candidates
+from appliance.decide import Decision, Thresholds, decide
+from appliance.errors import ModelError
+from appliance.preprocess import PreprocessSpec, TextTokenizer, blank_input, frame_to_input
+from appliance.scoring import open_backend
+
+
+@dataclass(frozen=True)
+class Judgement:
+    decision: Decision
+    texts: list[str]
+    rewards: np.ndarray
+    latency_ms: float
+    model_version: int
+
+
+class ModelRuntime:
+    def __init__(self, bundle_dir: Path, manifest: dict, backend: str = "onnxruntime",
+                 providers: tuple[str, ...] = ("cpu",), allow_fallback: bool = False,
+                 thresholds: dict | None = None, threads: int | None = None):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest
+        self.version = int(manifest["version"])
+        self.spec = PreprocessSpec.from_dict(manifest["preprocessing"])
+        self.thresholds = Thresholds.from_manifest(manifest.get("thresholds", {}), **(thresholds or {}))
+        self.ood = manifest["ood"]
+        self.backend = open_backend(self.bundle_dir, backend, providers, allow_fallback, threads=threads)
+        self.tokenizer = TextTokenizer(self.bundle_dir / "tokenizer.json", self.spec.max_tokens)
+        self.catalog = load_catalog(self.bundle_dir / "catalog.yaml")
+        self.catalog_features = np.load(self.bundle_dir / "catalog_embeddings.npy")
+        if len(self.catalog_features) != len(self.catalog.entries):
+            raise ModelError(f"bundle {self.bundle_dir}: catalog_embeddings.npy does not match catalog.yaml")
+        self.blank_patches = self.backend.image_features(blank_input(self.spec))
+
+    @property
+    def provider(self) -> str:
+        return self.backend.provider
+
+    def text_features(self, texts: list[str]) -> np.ndarray:
+        """Catalog texts come from the cache; free text goes through the text encoder."""
+        displays = self.catalog.displays
+        rows, free = [], [t for t in texts if t not in displays]
+        free_features = dict(zip(free, self.backend.text_features(*self.tokenizer.encode(free)))) if free else {}
+        for text in texts:
+            rows.append(self.catalog_features[displays.index(text)] if text in displays else free_features[text])
+        return np.stack(rows)
+
+    def judge(self, frame: np.ndarray, extra_candidates: list[str] | None = None,
+              only_extra: bool = False) -> Judgement:
+        started = time.perf_counter()
+        texts = merge_candidates([] if only_extra else self.catalog.displays, extra_candidates)
+        if not texts:
+            raise ModelError("no candidate explanations to score")
+        features = self.text_features(texts)
+        patches = self.backend.image_features(frame_to_input(frame, self.spec))
+        rewards = self.backend.rewards(patches, features)[0]
+        blank = self.backend.rewards(self.blank_patches, features)[0]
+        decision = decide(texts, rewards, blank, patches[0], self.thresholds, self.ood)
+        return Judgement(decision, texts, rewards, (time.perf_counter() - started) * 1000, self.version)
+
+    def golden_check(self, tolerance: float = 0.05) -> dict:
+        """Re-judge the bundle's golden frames; verdicts must match the recorded ones."""
+        import cv2
+        golden_dir = self.bundle_dir / "golden"
+        expected = json.loads((golden_dir / "expected.json").read_text())
+        failures = []
+        for row in expected:
+            frame = cv2.imread(str(golden_dir / row["frame"]), cv2.IMREAD_GRAYSCALE)
+            rewards = self.backend.rewards(self.backend.image_features(frame_to_input(frame, self.spec)),
+                                           self.catalog_features)[0]
+            verdict = self.catalog.displays[int(rewards.argmax())]
+            delta = float(np.abs(rewards - np.asarray(row["rewards"])).max())
+            if verdict != row["verdict"] or delta > tolerance * max(1.0, float(np.abs(rewards).max())):
+                failures.append({"frame": row["frame"], "expected": row["verdict"], "got": verdict,
+                                 "max_reward_delta": delta})
+        return {"frames": len(expected), "failures": failures, "ok": not failures}

@@ -1,0 +1,151 @@
+"""The operator touchscreen (Gradio): Live, Review, History, Status.
+
+Large type and touch-sized controls for gloved hands; one tap on the right explanation
+files a review. Frames are shown as pixels, never as paths into the state directory.
+Reviews need an operator logged in with a PIN (hashed in the store, locked after
+repeated failures).
+"""
+from __future__ import annotations
+
+import cv2
+import gradio as gr
+import numpy as np
+
+from appliance.errors import LinejudgeError
+
+CSS = """
+.gradio-container {font-size: 20px}
+button, .gr-button {min-height: 64px !important; font-size: 22px !important}
+input, textarea {font-size: 22px !important; min-height: 56px}
+#verdict {font-size: 30px; font-weight: 700}
+#flag {font-size: 22px; color: #b45309}
+.review-choices label {min-height: 64px; font-size: 22px !important; padding: 12px !important}
+"""
+
+
+def _rgb(frame: np.ndarray | None) -> np.ndarray | None:
+    if frame is None:
+        return None
+    return cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB) if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+
+def _stored_frame(appliance, row: dict) -> np.ndarray | None:
+    """Pixels of a logged frame (read here; no path is handed to the browser)."""
+    path = row.get("frame_path")
+    if not path:
+        return None
+    frame = cv2.imread(str(appliance.frame_file(path)), cv2.IMREAD_UNCHANGED)
+    return _rgb(frame)
+
+
+def live_view(appliance):
+    live = appliance.live
+    if live.judgement is None:
+        return None, "Waiting for the first part ...", [], ""
+    d = live.judgement.decision
+    verdict = f"#{live.inspection_id}  {d.verdict}  (confidence {d.p_best:.0%})"
+    flag = ("FLAGGED for review: " + "; ".join(d.reasons)) if d.flagged else "OK - no review needed"
+    ranking = [[text, round(score, 3)] for text, score in d.ranking]
+    return _rgb(live.frame), verdict, ranking, f"{flag}  |  {live.fps:.1f} frames/s"
+
+
+def status_view(appliance) -> str:
+    s = appliance.status()
+    lines = [f"**Model** v{s['model_version']} on {s['provider']}",
+             f"**Speed** {s['fps']} frames/s, last judgement {s['latency_ms']} ms",
+             f"**Inspections** {s.get('inspections', 0)}, flagged {s.get('flagged', 0)} "
+             f"({s.get('flag_rate', 0):.0%}), waiting for review {s.get('review_queue', 0)}",
+             f"**Sync** {s.get('outbox_unsent', 0)} records waiting to go to HQ",
+             f"**Disk** {s['disk_free_mb']} MB free, dropped frames {s['dropped_frames']}"]
+    if s.get("alarm"):
+        lines.append(f"**ALARM** {s['alarm']}")
+    return "\n\n".join(lines)
+
+
+def next_review(appliance):
+    queue = appliance.store.review_queue(limit=1)
+    count = len(appliance.store.review_queue(limit=1000))
+    if not queue:
+        return None, "Nothing to review.", gr.update(choices=[], value=None), None
+    row = appliance.store.inspection(queue[0]["id"])
+    texts = [s["text"] for s in sorted(row["scores"], key=lambda s: s["rank"])]
+    reasons = row.get("flag_reasons") or []
+    info = (f"**{count} waiting.** Part #{row['id']} at {row['ts'][:19]}: the model says "
+            f"*{row['verdict']}*. Why flagged: {'; '.join(reasons) if isinstance(reasons, list) else reasons}. "
+            f"Tap the right explanation:")
+    return _stored_frame(appliance, row), info, gr.update(choices=texts, value=None), row["id"]
+
+
+def create_ui(appliance) -> gr.Blocks:
+    with gr.Blocks(title="linejudge") as ui:
+        operator = gr.State(None)
+        current = gr.State(None)
+        with gr.Tab("Live"):
+            with gr.Row():
+                live_frame = gr.Image(label="Current part", interactive=False, height=380)
+                with gr.Column():
+                    verdict = gr.Markdown(elem_id="verdict")
+                    flag = gr.Markdown(elem_id="flag")
+                    ranking = gr.Dataframe(headers=["explanation", "score"], interactive=False)
+        with gr.Tab("Review"):
+            with gr.Row():
+                name = gr.Textbox(label="Operator", scale=2)
+                pin = gr.Textbox(label="PIN", type="password", scale=1)
+                login = gr.Button("Log in", variant="primary", scale=1)
+            login_msg = gr.Markdown("Log in to review flagged parts.")
+            review_frame = gr.Image(label="Flagged part", interactive=False, height=380)
+            review_info = gr.Markdown()
+            choices = gr.Radio(label="Right explanation", choices=[], elem_classes="review-choices")
+            correction = gr.Textbox(label="Or type the right explanation")
+            save_text = gr.Button("Save typed explanation")
+            review_msg = gr.Markdown()
+        with gr.Tab("History"):
+            with gr.Row():
+                hist_verdict = gr.Textbox(label="Verdict contains")
+                hist_flag = gr.Dropdown(["all", "flagged", "not flagged"], value="all", label="Flag")
+                refresh = gr.Button("Show")
+            history = gr.Dataframe(headers=["id", "time", "verdict", "p_best", "flagged", "model"],
+                                   interactive=False)
+        with gr.Tab("Status"):
+            status = gr.Markdown()
+
+        timer = gr.Timer(1.0)
+        timer.tick(lambda: live_view(appliance), outputs=[live_frame, verdict, ranking, flag])
+        timer.tick(lambda: status_view(appliance), outputs=[status])
+
+        def do_login(who, code):
+            try:
+                ok = appliance.store.check_operator_pin(who.strip(), code.strip())
+            except LinejudgeError as exc:
+                return None, f"**{exc}**", *next_review(appliance)
+            if not ok:
+                return None, "**Wrong name or PIN.**", None, "", gr.update(choices=[]), None
+            return who.strip(), f"Logged in as **{who.strip()}**.", *next_review(appliance)
+
+        login.click(do_login, [name, pin], [operator, login_msg, review_frame, review_info, choices, current])
+
+        def do_review(who, inspection_id, text):
+            if not who:
+                return "**Log in first.**", gr.update(), gr.update(), gr.update(), inspection_id
+            if inspection_id is None or not text:
+                return "", gr.update(), gr.update(), gr.update(), inspection_id
+            try:
+                appliance.store.add_review(inspection_id, who, text.strip())
+            except LinejudgeError as exc:
+                return f"**{exc}**", gr.update(), gr.update(), gr.update(), inspection_id
+            frame, info, update, next_id = next_review(appliance)
+            return f"Saved: part #{inspection_id} is *{text.strip()}*.", frame, info, update, next_id
+
+        choices.input(do_review, [operator, current, choices],
+                      [review_msg, review_frame, review_info, choices, current])
+        save_text.click(do_review, [operator, current, correction],
+                        [review_msg, review_frame, review_info, choices, current])
+
+        def show_history(text, which):
+            flagged = {"flagged": True, "not flagged": False}.get(which)
+            rows = appliance.store.history(verdict=text or None, flagged=flagged, limit=200)
+            return [[r["id"], r["ts"][:19], r["verdict"], round(r["p_best"], 3), bool(r["flagged"]),
+                     r["model_version"]] for r in rows]
+
+        refresh.click(show_history, [hist_verdict, hist_flag], [history])
+    return ui
