@@ -40,7 +40,7 @@ def _parse_candidates(raw) -> list[str]:
 async def _read_request(request: Request) -> tuple[bytes, list[str], bool]:
     """multipart/form-data (image file + candidates JSON) or a raw image body."""
     ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
+    if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await request.form(max_part_size=MAX_IMAGE_BYTES)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):

@@ -48,6 +48,17 @@ class FolderReplay:
         self.loop, self.name = loop, f"folder:{self.folder}"
         self.position, self.current = 0, None
 
+    @classmethod
+    def from_files(cls, files: list[Path], name: str, loop: bool = True) -> "FolderReplay":
+        """Replay an explicit list of image files (e.g. one split of a data set)."""
+        files = [Path(f) for f in files if Path(f).is_file()]
+        if not files:
+            raise CaptureError(f"replay {name}: none of its image files exist")
+        replay = cls.__new__(cls)
+        replay.folder, replay.files, replay.loop, replay.name = files[0].parent, files, loop, name
+        replay.position, replay.current = 0, None
+        return replay
+
     def read(self) -> np.ndarray | None:
         """The next readable image (unreadable files are skipped); None once done if loop=False."""
         for _ in range(len(self.files)):

@@ -19,3 +19,11 @@ class BadExplanation(LinejudgeError):
 
 class ModelError(LinejudgeError):
     """A model or bundle cannot be used."""
+
+
+class StoreError(LinejudgeError):
+    """The appliance database cannot do what was asked (unknown row, locked operator, closed store)."""
+
+
+class CaptureError(LinejudgeError):
+    """A camera or replay source cannot deliver frames."""

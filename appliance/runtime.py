@@ -16,6 +16,9 @@ from appliance.preprocess import PreprocessSpec, TextTokenizer, blank_input, fra
 from appliance.scoring import open_backend
 
 
+FREE_TEXT_CACHE = 1024
+
+
 @dataclass(frozen=True)
 class Judgement:
     decision: Decision
@@ -42,6 +45,7 @@ class ModelRuntime:
         if len(self.catalog_features) != len(self.catalog.entries):
             raise ModelError(f"bundle {self.bundle_dir}: catalog_embeddings.npy does not match catalog.yaml")
         self.blank_patches = self.backend.image_features(blank_input(self.spec))
+        self._free_text: dict[str, np.ndarray] = {}   # free-text features, bounded cache
 
     @property
     def provider(self) -> str:
@@ -50,11 +54,13 @@ class ModelRuntime:
     def text_features(self, texts: list[str]) -> np.ndarray:
         """Catalog texts come from the cache; free text goes through the text encoder."""
         displays = self.catalog.displays
-        rows, free = [], [t for t in texts if t not in displays]
-        free_features = dict(zip(free, self.backend.text_features(*self.tokenizer.encode(free)))) if free else {}
-        for text in texts:
-            rows.append(self.catalog_features[displays.index(text)] if text in displays else free_features[text])
-        return np.stack(rows)
+        missing = [t for t in texts if t not in displays and t not in self._free_text]
+        if missing:
+            if len(self._free_text) > FREE_TEXT_CACHE:
+                self._free_text.clear()
+            self._free_text.update(zip(missing, self.backend.text_features(*self.tokenizer.encode(missing))))
+        return np.stack([self.catalog_features[displays.index(t)] if t in displays else self._free_text[t]
+                         for t in texts])
 
     def judge(self, frame: np.ndarray, extra_candidates: list[str] | None = None,
               only_extra: bool = False) -> Judgement:

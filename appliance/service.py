@@ -21,7 +21,7 @@ import numpy as np
 from appliance import metrics, models_install
 from appliance.capture import LatestFrameGrabber, open_source
 from appliance.config import ApplianceConfig
-from appliance.errors import ModelError
+from appliance.errors import CaptureError, ModelError
 from appliance.runtime import Judgement, ModelRuntime
 from appliance.store import Store
 
@@ -65,6 +65,7 @@ class Appliance:
         self._stop = threading.Event()
         self._grabber: LatestFrameGrabber | None = None
         self._thread: threading.Thread | None = None
+        self.extra_candidates: list[str] | None = None   # e.g. an upstream generator's best-of-N
 
     # ---------------------------------------------------------------- model
     def _load_model(self) -> ModelRuntime:
@@ -104,13 +105,15 @@ class Appliance:
     def _loop(self) -> None:
         frames, window_start, fps = 0, time.monotonic(), 0.0
         while not self._stop.is_set():
-            got = self._grabber.get(timeout=1.0)
-            metrics.DROPPED.set(self._grabber.dropped)
-            if got is None:
-                continue
-            _, frame = got
             try:
-                inspection_id, judgement = self.inspect(frame)
+                _, frame = self._grabber.get(timeout=1.0)
+            except CaptureError as exc:   # the camera reconnects by itself; keep waiting
+                log.warning("%s", exc)
+                continue
+            finally:
+                metrics.DROPPED.set(self._grabber.dropped)
+            try:
+                inspection_id, judgement = self.inspect(frame, self.extra_candidates)
             except Exception:  # a bad frame must not stop the line
                 log.exception("inspection failed; continuing with the next frame")
                 metrics.ERRORS.inc()
@@ -124,7 +127,7 @@ class Appliance:
             sd_notify("WATCHDOG=1")
 
     def start(self) -> None:
-        source = open_source(self.cfg.source)
+        source = replay_source(self.cfg.source) or open_source(self.cfg.source)
         self._grabber = LatestFrameGrabber(source, max_fps=self.cfg.max_fps)
         self._thread = threading.Thread(target=self._loop, name="inspection-loop", daemon=True)
         self._thread.start()
@@ -155,6 +158,19 @@ class Appliance:
                 "dropped_frames": self._grabber.dropped if self._grabber else 0,
                 "disk_free_mb": usage, "alarm": getattr(self.store, "alarm", None),
                 "thresholds": vars(self.runtime.thresholds), **stats}
+
+
+def replay_source(spec):
+    """`elpv:test` (or train/val): the ELPV cells of that split, replayed as a camera."""
+    if not (isinstance(spec, str) and spec.startswith("elpv:")):
+        return None
+    import json
+    import elpv_dataset
+    from appliance.capture import FolderReplay
+    root = Path(elpv_dataset.__file__).resolve().parent / "data" / "images"
+    split_file = Path(__file__).resolve().parent.parent / "training" / "data" / "elpv_split.json"
+    ids = json.loads(split_file.read_text())[spec.split(":", 1)[1]]
+    return FolderReplay.from_files([root / f"{i}.png" for i in ids], name=spec)
 
 
 def _disk_usage(path: Path) -> float:

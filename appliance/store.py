@@ -41,7 +41,7 @@ ORPHAN_GRACE_SECONDS = 300      # a frame file with no row yet may belong to a w
 def _create_tables(db: sqlite_utils.Database) -> None:
     db["inspections"].create({
         "id": int, "ts": str, "line": str, "station": str, "frame_path": str, "frame_sha256": str,
-        "model_version": str, "verdict": str, "best_score": float, "p_best": float, "flagged": int,
+        "model_version": int, "verdict": str, "best_score": float, "p_best": float, "flagged": int,
         "flag_reasons": str, "latency_ms": float}, pk="id")
     to_inspection = [("inspection_id", "inspections", "id")]
     db["scores"].create({"inspection_id": int, "candidate": int, "text": str, "score": float, "rank": int},
@@ -51,7 +51,7 @@ def _create_tables(db: sqlite_utils.Database) -> None:
     db["outbox"].create({"id": int, "kind": str, "payload": str, "idempotency_key": str, "inspection_id": int,
                          "created": str, "sent_at": str, "attempts": int}, pk="id",
                         not_null={"kind", "payload", "idempotency_key"}, defaults={"attempts": 0})
-    db["models"].create({"version": str, "installed_at": str, "state": str, "reason": str}, pk="version")
+    db["models"].create({"version": int, "installed_at": str, "state": str, "reason": str}, pk="version")
     db["operators"].create({"name": str, "pin_hash": str, "salt": str, "failed_attempts": int,
                             "locked_until": float}, pk="name", defaults={"failed_attempts": 0, "locked_until": 0.0})
 

@@ -185,14 +185,14 @@ def test_operator_pin_hashing_and_lockout(store):
 
 
 def test_model_states(store):
-    store.record_model("v1", "active")
-    store.record_model("v2", "active")
-    store.record_model("v2", "rejected", "golden set failed")
-    store.record_model("v1", "active")
+    store.record_model(1, "active")
+    store.record_model(2, "active")
+    store.record_model(2, "rejected", "golden set failed")
+    store.record_model(1, "active")
     states = {m["version"]: (m["state"], m["reason"]) for m in store.model_states()}
-    assert states == {"v1": ("active", ""), "v2": ("rejected", "golden set failed")}
+    assert states == {1: ("active", ""), 2: ("rejected", "golden set failed")}
     with pytest.raises(StoreError):
-        store.record_model("v3", "installed")
+        store.record_model(3, "installed")
 
 
 def test_concurrent_writers_all_commit(store):
@@ -256,4 +256,4 @@ def test_sigkill_never_loses_a_committed_inspection(tmp_path):
         assert s._query("PRAGMA integrity_check")[0]["integrity_check"] == "ok"
         assert all((frames / r["frame_path"]).exists()
                    for r in s._query("SELECT frame_path FROM inspections WHERE frame_path IS NOT NULL"))
-        assert count(s, "outbox") == 3 * count(s, "reviews")
+        assert count(s, "outbox") == 2 * count(s, "reviews")     # review + one preference pair

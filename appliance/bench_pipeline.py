@@ -1,0 +1,57 @@
+"""`linejudge bench --pipeline`: the whole appliance path against the scorer alone.
+
+Replay camera (ELPV test cells, PNG decode) -> latest-frame grabber -> preprocess -> INT8
+scoring of 16 candidates -> decide -> SQLite commit (WAL, synchronous=FULL) with the frame
+saved. Scorer-only runs the same judge() on frames already in memory.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from appliance.config import DEFAULT_BUNDLE, config_from_dict
+
+EXTRA = ["hairline crack along the upper busbar", "dark corner region, lower right", "finger interruption near the center",
+         "soldering defect at the left edge", "uniform cell, no visible issue", "scratch across the middle",
+         "shunted area in the upper left", "broken cell fragment, lower left"]
+
+
+def run_pipeline_bench(bundle: str | Path = DEFAULT_BUNDLE, json_path: str | Path = "pipeline.json",
+                       seconds: float = 20.0, keys: list | None = None) -> dict:
+    from appliance.service import Appliance, replay_source
+    with tempfile.TemporaryDirectory() as state:
+        cfg = config_from_dict({"state_dir": state, "bundle": str(bundle), "max_fps": 1000,
+                                "trusted_keys": [str(k) for k in keys or []]}, "bench")
+        app = Appliance(cfg)
+        runtime = app.runtime
+        source = replay_source("elpv:test")
+        frames = [source.read() for _ in range(64)]
+        runtime.judge(frames[0], EXTRA)                      # warm the free-text cache
+        n_candidates = len(runtime.judge(frames[0], EXTRA).texts)
+        scorer_fps = _rate(lambda i: runtime.judge(frames[i % len(frames)], EXTRA), seconds / 2)
+        before = app.store.stats()["inspections"]
+        app.extra_candidates = EXTRA
+        app.start()
+        time.sleep(seconds)
+        done = app.store.stats()["inspections"] - before
+        dropped = app._grabber.dropped
+        app.stop()
+    pipeline_fps = done / seconds
+    summary = {"candidates": n_candidates, "pipeline_fps_n16": pipeline_fps, "scorer_fps_n16": scorer_fps,
+               "pipeline_vs_scorer_ratio": pipeline_fps / scorer_fps, "seconds": seconds,
+               "inspections_committed": done, "frames_dropped": dropped, "provider": runtime.provider}
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _rate(fn, seconds: float) -> float:
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        fn(n)
+        n += 1
+    return n / (time.perf_counter() - start)
