@@ -246,7 +246,11 @@ class FusionBlock(nn.Module):
 
 
 class Scorer(nn.Module):
-    """(B, P, d) image patches x (N, M, d) text summaries -> (B, N) rewards."""
+    """(B, P, d) image patches x (N, M, d) text summaries -> (B, N) rewards.
+
+    reward = MLP(text tokens after attending to the patches)   (grounded, local)
+           + <g(mean patch), h(mean text)> / sqrt(d)          (global image-text match)
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -254,21 +258,26 @@ class Scorer(nn.Module):
         self.blocks = nn.ModuleList(FusionBlock(d, cfg.fusion_heads, cfg.dropout)
                                     for _ in range(cfg.fusion_layers))
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.image_match = nn.Linear(d, d)
+        self.text_match = nn.Linear(d, d)
+        self.scale = d ** -0.5
+
+    def _reward(self, patches, texts):
+        match = (self.image_match(patches.mean(1)) * self.text_match(texts.mean(1))).sum(-1) * self.scale
+        for block in self.blocks:
+            texts = block(texts, patches)
+        return self.head(texts.mean(1)).squeeze(-1) + match
 
     def forward(self, patches, texts):
         b, p, d = patches.shape
         n, m, _ = texts.shape
         img = patches[:, None].expand(b, n, p, d).reshape(b * n, p, d)
         txt = texts[None].expand(b, n, m, d).reshape(b * n, m, d)
-        for block in self.blocks:
-            txt = block(txt, img)
-        return self.head(txt.mean(1)).reshape(b, n)
+        return self._reward(img, txt).reshape(b, n)
 
     def score_pairs(self, patches, texts):
         """Row i of patches with row i of texts: (K, P, d) x (K, M, d) -> (K,)."""
-        for block in self.blocks:
-            texts = block(texts, patches)
-        return self.head(texts.mean(1)).squeeze(-1)
+        return self._reward(patches, texts)
 
 
 class RewardModel(nn.Module):

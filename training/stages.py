@@ -73,6 +73,8 @@ def multimodal_step(model, proxy, teacher, enc, stage: StageConfig, batch):
 
     The proxy sees a blank frame and is trained alongside on the same pairs. Pair weight
     w = L_t / (L_m + L_t) without gradient: pairs the text alone decides count little.
+    Weights are divided by their batch mean, so they reweight pairs against each other
+    without also shrinking the overall learning rate (our deviation from the paper).
     """
     frames, texts, c, _ = batch
     r_m = rewards(model, enc, frames, texts, c)
@@ -82,6 +84,7 @@ def multimodal_step(model, proxy, teacher, enc, stage: StageConfig, batch):
     r_t = rewards(proxy, enc, frames, texts, c, blank=True)
     loss_t = pair_losses(r_t)
     weight = (loss_t / (loss_m + loss_t + 1e-8)).detach()
+    weight = weight / weight.mean().clamp_min(1e-6)   # relative weights: keep the step size
     return (weight * loss_m + loss_t).mean() + stage.centring * (centring(r_m) + centring(r_t))
 
 
