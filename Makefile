@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: run test install train-demo train-full eval-full default-bundle bench clean
+.PHONY: run test browser install train-demo train-full eval-full default-bundle bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/linejudge demo
 
-test: $(STAMP)
+# Debian chromium for tests/appliance/test_browser.py (it skips where none is installed).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium not installed: the browser test will skip"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 train-demo: $(STAMP)

@@ -27,3 +27,7 @@ class StoreError(LinejudgeError):
 
 class CaptureError(LinejudgeError):
     """A camera or replay source cannot deliver frames."""
+
+
+class SyncError(LinejudgeError):
+    """A sync pass with HQ could not finish (network, HQ refusal, budget spent); the next pass retries."""

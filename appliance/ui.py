@@ -16,9 +16,9 @@ from appliance.errors import LinejudgeError
 CSS = """
 .gradio-container {font-size: 20px}
 button, .gr-button {min-height: 64px !important; font-size: 22px !important}
-input, textarea {font-size: 22px !important; min-height: 56px}
-#verdict {font-size: 30px; font-weight: 700}
-#flag {font-size: 22px; color: #b45309}
+input[type=text], input[type=password], textarea {font-size: 22px !important; min-height: 56px}
+#verdict, #verdict p {font-size: 30px !important; font-weight: 700}
+#flag, #flag p {font-size: 22px !important; color: #b45309}
 .review-choices label {min-height: 64px; font-size: 22px !important; padding: 12px !important}
 """
 

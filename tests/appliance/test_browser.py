@@ -1,0 +1,143 @@
+"""The touchscreen in a real headless Chromium: Live updates, PIN login, one-tap review.
+
+Needs Debian's chromium at /usr/bin/chromium (`make browser` installs it); skips without it.
+The appliance replays a folder of frames through the tiny bundle; every inspection is
+flagged (p_best threshold 0.999), so the review queue always has work.
+"""
+import re
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = Path("/tmp/linejudge_ui.png")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="no /usr/bin/chromium (run `make browser` to install Debian chromium)")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle, tmp_path_factory):
+    import uvicorn
+    from appliance.config import config_from_dict
+    from appliance.server import build_app
+    from appliance.service import Appliance
+
+    bundle, public, _ = tiny_bundle
+    frames = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        frame = rng.integers(60, 200, (160, 160), np.uint8)
+        cv2.line(frame, (10, 20 + 30 * i), (150, 140 - 20 * i), 10, 3)     # a "crack", different each frame
+        cv2.imwrite(str(frames / f"f{i}.png"), frame)
+    port = _free_port()
+    cfg = config_from_dict({"state_dir": str(tmp_path_factory.mktemp("state")), "bundle": str(bundle),
+                            "trusted_keys": [str(public)], "source": str(frames), "max_fps": 2,
+                            "operator_pins": {"ana": "2468"}, "thresholds": {"p_best": 0.999},
+                            "port": port})
+    appliance = Appliance(cfg)
+    appliance.start()
+    server = uvicorn.Server(uvicorn.Config(build_app(appliance), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield appliance, f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        appliance.stop()
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        context.set_default_timeout(15_000)
+        # The appliance works offline: anything not served by it (web fonts, CDNs) is refused at once.
+        context.route(re.compile(r"^(?!http://127\.0\.0\.1[:/]).*"), lambda route: route.abort())
+        yield context.new_page()
+        browser.close()
+
+
+def _verdict_id(page) -> int | None:
+    match = re.search(r"#(\d+)", page.locator("#verdict").inner_text())
+    return int(match.group(1)) if match else None
+
+
+def _wait_for(predicate, timeout=15.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_touchscreen_live_login_and_one_tap_review(served, page):
+    from playwright.sync_api import expect
+    appliance, url = served
+    started = time.time()
+    page.goto(url, wait_until="domcontentloaded")
+
+    # Live: the verdict shows an inspection id, then a later one (the 1 s timer keeps it current).
+    first = _wait_for(lambda: _verdict_id(page), what="a first verdict on Live")
+    later = _wait_for(lambda: (_verdict_id(page) or 0) > first and _verdict_id(page), what="a later verdict")
+    assert later > first
+    page.screenshot(path="/tmp/linejudge_live.png")
+
+    # Review: a wrong PIN is refused, the right one shows the first flagged part.
+    page.get_by_role("tab", name="Review").click()
+    page.get_by_label("Operator").fill("ana")
+    page.get_by_label("PIN").fill("0000")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_text("Wrong name or PIN")).to_be_visible()
+
+    page.get_by_label("PIN").fill("2468")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_text("Logged in as")).to_be_visible()
+    part = page.get_by_text(re.compile(r"Part #\d+ at"))
+    expect(part).to_be_visible()
+    inspection_id = int(re.search(r"Part #(\d+)", part.inner_text()).group(1))
+    choices = page.get_by_role("radiogroup", name="Right explanation")
+    if not choices.count():           # older Gradio: a fieldset labelled by its legend
+        choices = page.locator("fieldset", has_text="Right explanation")
+    options = choices.get_by_role("radio")
+    expect(options.first).to_be_visible()
+    assert options.count() >= 2
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    # One tap files the review.
+    chosen = options.first.locator("xpath=ancestor::label[1]").inner_text().strip()
+    options.first.locator("xpath=ancestor::label[1]").click()
+    expect(page.get_by_text(f"Saved: part #{inspection_id} is")).to_be_visible()
+    page.screenshot(path="/tmp/linejudge_review_saved.png", full_page=True)
+
+    with sqlite3.connect(appliance.cfg.db_path) as db:
+        reviews = db.execute("SELECT operator, chosen_text FROM reviews WHERE inspection_id = ?",
+                             [inspection_id]).fetchall()
+        kinds = {k for (k,) in db.execute("SELECT kind FROM outbox WHERE inspection_id = ?", [inspection_id])}
+    assert reviews == [("ana", chosen)]
+    assert kinds == {"review", "preference"}
+    assert time.time() - started < 60

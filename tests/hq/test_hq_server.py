@@ -1,0 +1,295 @@
+"""HQ server: auth, idempotent feedback, content-addressed frames, bundle serving (Range, path tricks)."""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models import bundle as lib
+from training.hq import server as hq
+
+LINE = "el-solar"
+ADMIN = "admin-secret"
+
+
+def make_bundle(root: Path, private_key: Path, version: int, line: str = LINE, size: int = 40_000) -> Path:
+    out = root / f"{line}-v{version}"
+    (out / "golden").mkdir(parents=True)
+    (out / "scorer.onnx").write_bytes(bytes((i * 7 + version) % 251 for i in range(size)))
+    (out / "catalog.yaml").write_text(f"version: {version}\n")
+    (out / "golden" / "expected.json").write_text("[]")
+    manifest = lib.build_manifest(out, line=line, version=version, expires_days=30, compatible={"input": {}},
+                                  preprocessing={}, thresholds={}, ood={}, lineage={}, metrics={})
+    lib.write_manifest(out, manifest)
+    lib.sign_bundle(out, private_key)
+    return out
+
+
+def snapshot(state: Path) -> dict:
+    """Every file under the state dir (the SQLite db by content of its tables) -> digest."""
+    files = {str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(state.rglob("*")) if p.is_file() and not p.name.startswith("hq.db")}
+    files["feedback"] = [(r["appliance_id"], r["idempotency_key"]) for r in hq.feedback_records(state)]
+    return files
+
+
+@pytest.fixture()
+def env(tmp_path):
+    state = tmp_path / "hq"
+    tokens = {"a1": hq.add_appliance(state, "a1"), "b2": hq.add_appliance(state, "b2")}
+    private, public = lib.generate_keypair(tmp_path / "keys", "hq")
+    bundle = make_bundle(tmp_path / "src", private, 2)
+    published = hq.publish_bundle(state, bundle, key_files=[public])
+    with hq.BackgroundServer(hq.create_hq_app(state, admin_token=ADMIN)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=10) as client:
+        yield {"state": state, "tokens": tokens, "client": client, "srv": srv, "bundle": bundle,
+               "published": published, "keys": (private, public), "tmp": tmp_path}
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def raw_get(srv, path: str, token: str) -> tuple[int, bytes]:
+    """http.client sends the path exactly as given (httpx would normalise dot segments)."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    try:
+        conn.putrequest("GET", path, skip_accept_encoding=True)
+        conn.putheader("Authorization", f"Bearer {token}")
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def batch(*keys, kind="preference"):
+    return {"records": [{"idempotency_key": k, "kind": kind, "payload": {"chosen": "a", "rejected": k}}
+                        for k in keys]}
+
+
+# ---------------------------------------------------------------- auth
+
+def test_tokens_are_stored_hashed(env):
+    db = (env["state"] / "hq.db").read_bytes()
+    for token in env["tokens"].values():
+        assert token.encode() not in db
+        assert token.split(".", 1)[1].encode() not in db
+        assert hashlib.sha256(token.encode()).hexdigest().encode() in db
+
+
+def test_auth_missing_unknown_and_foreign_token(env):
+    c, tok = env["client"], env["tokens"]
+    url = "/v1/appliances/a1/feedback"
+    headers = {"Idempotency-Key": "b-1"}
+    assert c.post(url, json=batch("k1"), headers=headers).status_code == 401
+    assert c.post(url, json=batch("k1"), headers={**headers, "Authorization": "Basic eDp5"}).status_code == 401
+    r = c.post(url, json=batch("k1"), headers={**headers, **auth("a1.forged")})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    r = c.post(url, json=batch("k1"), headers={**headers, **auth(tok["b2"])})
+    assert r.status_code == 403 and "b2" in r.json()["detail"]
+    assert c.post("/v1/appliances/a1/status", json={"backlog": 1}, headers=auth(tok["b2"])).status_code == 403
+    assert c.get(f"/v1/lines/{LINE}/manifest").status_code == 401
+    assert c.get(f"/v1/lines/{LINE}/bundles/2/scorer.onnx", headers=auth("nope")).status_code == 401
+    assert c.put("/v1/frames/" + "0" * 64, content=b"x").status_code == 401
+    assert hq.feedback_records(env["state"]) == []
+    assert c.post(url, json=batch("k1"), headers={**headers, **auth(tok["a1"])}).status_code == 200
+
+
+def test_rotating_a_token_revokes_the_old_one(env):
+    c, old = env["client"], env["tokens"]["a1"]
+    new = hq.add_appliance(env["state"], "a1")
+    assert c.get("/v1/whoami", headers=auth(old)).status_code == 401
+    assert c.get("/v1/whoami", headers=auth(new)).json() == {"appliance_id": "a1"}
+    with pytest.raises(hq.HQError):
+        hq.add_appliance(env["state"], "../evil")
+
+
+def test_fleet_needs_the_admin_token(env):
+    c, tok = env["client"], env["tokens"]
+    assert c.get("/v1/fleet").status_code == 401
+    assert c.get("/v1/fleet", headers=auth("wrong")).status_code == 401
+    assert c.get("/v1/fleet", headers=auth(tok["a1"])).status_code == 403
+    status = {"model_version": 2, "flag_rate": 0.125, "backlog": 7, "inspections": 40,
+              "install": {"version": 2, "state": "active", "reason": ""}}
+    assert c.post("/v1/appliances/a1/status", json=status, headers=auth(tok["a1"])).status_code == 200
+    assert c.post("/v1/appliances/a1/status", json={"backlog": "many"}, headers=auth(tok["a1"])).status_code == 400
+    body = c.get("/v1/fleet", headers=auth(ADMIN)).json()
+    a1 = next(a for a in body["appliances"] if a["appliance_id"] == "a1")
+    assert (a1["model_version"], a1["flag_rate"], a1["backlog"], a1["inspections"]) == (2, 0.125, 7, 40)
+    assert a1["last_seen"] and a1["last_install"]["state"] == "active"
+    assert body["latest_bundles"] == {LINE: 2}
+
+
+def test_fleet_disabled_without_admin_token(tmp_path):
+    state = tmp_path / "hq"
+    token = hq.add_appliance(state, "a1")
+    with hq.BackgroundServer(hq.create_hq_app(state)) as srv, httpx.Client(base_url=srv.url) as c:
+        assert c.get("/v1/fleet", headers=auth(token)).status_code == 403
+        r = c.get("/v1/fleet", headers=auth("anything"))
+        assert r.status_code == 403 and "admin token" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------- feedback
+
+def test_same_batch_twice_is_stored_once(env):
+    c, h = env["client"], {**auth(env["tokens"]["a1"]), "Idempotency-Key": "batch-1"}
+    first = c.post("/v1/appliances/a1/feedback", json=batch("k1", "k2", "k3"), headers=h)
+    again = c.post("/v1/appliances/a1/feedback", json=batch("k1", "k2", "k3"), headers=h)
+    assert first.status_code == again.status_code == 200
+    assert first.json()["accepted"] == again.json()["accepted"] == ["k1", "k2", "k3"]
+    assert first.json()["stored"] == 3 and again.json()["replayed"] is True
+    # a new batch repeating a record: acknowledged, not stored twice
+    r = c.post("/v1/appliances/a1/feedback", json=batch("k3", "k4"), headers={**h, "Idempotency-Key": "batch-2"})
+    assert r.json()["accepted"] == ["k3", "k4"] and r.json()["duplicates"] == ["k3"] and r.json()["stored"] == 1
+    # reusing a batch key for other content is a conflict
+    r = c.post("/v1/appliances/a1/feedback", json=batch("k9"), headers=h)
+    assert r.status_code == 409
+    # the same record key from another appliance is another record
+    hb = {**auth(env["tokens"]["b2"]), "Idempotency-Key": "batch-1"}
+    assert c.post("/v1/appliances/b2/feedback", json=batch("k1"), headers=hb).json()["stored"] == 1
+    rows = hq.feedback_records(env["state"])
+    assert sorted((r["appliance_id"], r["idempotency_key"]) for r in rows) == [
+        ("a1", "k1"), ("a1", "k2"), ("a1", "k3"), ("a1", "k4"), ("b2", "k1")]
+    assert rows[0]["payload"] == {"chosen": "a", "rejected": "k1"}
+    assert hq.feedback_records(env["state"], kind="review") == []
+
+
+def test_feedback_validation(env):
+    c, h = env["client"], auth(env["tokens"]["a1"])
+    url = "/v1/appliances/a1/feedback"
+    assert c.post(url, json=batch("k1"), headers=h).status_code == 400           # no Idempotency-Key
+    h = {**h, "Idempotency-Key": "b"}
+    assert c.post(url, content=b"{not json", headers=h).status_code == 400
+    assert c.post(url, json={"rows": []}, headers=h).status_code == 400
+    body = {"records": [{"idempotency_key": "ok", "kind": "review", "payload": {}},
+                        {"idempotency_key": "", "kind": "review", "payload": {}},
+                        {"idempotency_key": "bad-payload", "kind": "review", "payload": [1]}, "junk"]}
+    r = c.post(url, json=body, headers=h).json()
+    assert r["accepted"] == ["ok"] and len(r["rejected"]) == 3
+    assert [x["idempotency_key"] for x in hq.feedback_records(env["state"], kind="review")] == ["ok"]
+    too_many = batch(*[f"k{i}" for i in range(hq.MAX_BATCH_RECORDS + 1)])
+    assert c.post(url, json=too_many, headers={**h, "Idempotency-Key": "big"}).status_code == 413
+
+
+# ---------------------------------------------------------------- frames
+
+def test_frames_are_content_addressed(env):
+    c, h = env["client"], auth(env["tokens"]["a1"])
+    data = os.urandom(5000)
+    sha = hashlib.sha256(data).hexdigest()
+    assert c.head(f"/v1/frames/{sha}", headers=h).status_code == 404
+    assert c.put(f"/v1/frames/{sha}", content=data, headers=h).status_code == 201
+    assert c.put(f"/v1/frames/{sha}", content=data, headers=h).status_code == 200
+    assert c.head(f"/v1/frames/{sha}", headers=h).status_code == 200
+    assert hq.frame_path(env["state"], sha).read_bytes() == data
+    before = snapshot(env["state"])
+    other = hashlib.sha256(b"other").hexdigest()
+    r = c.put(f"/v1/frames/{other}", content=data, headers=h)
+    assert r.status_code == 400 and sha in r.json()["detail"]
+    for bad in ("abc", "g" * 64, "0" * 63, "0" * 65):
+        assert c.put(f"/v1/frames/{bad}", content=data, headers=h).status_code == 400
+    status, _ = raw_get(env["srv"], "/v1/frames/..%2f..%2fhq.db", env["tokens"]["a1"])
+    assert status in (400, 404, 405)
+    assert snapshot(env["state"]) == before
+
+
+def test_feedback_records_point_at_uploaded_frames(env):
+    c, h = env["client"], auth(env["tokens"]["a1"])
+    data = b"png bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    c.put(f"/v1/frames/{sha}", content=data, headers=h)
+    rec = {"records": [{"idempotency_key": "r1", "kind": "review", "payload": {"frame_sha256": sha}}]}
+    c.post("/v1/appliances/a1/feedback", json=rec, headers={**h, "Idempotency-Key": "x"})
+    [row] = hq.feedback_records(env["state"])
+    assert Path(row["frame_file"]).read_bytes() == data
+
+
+# ---------------------------------------------------------------- bundles
+
+def test_manifest_is_the_latest_published(env):
+    c, h = env["client"], auth(env["tokens"]["a1"])
+    r = c.get(f"/v1/lines/{LINE}/manifest", headers=h)
+    assert r.status_code == 200 and r.headers["x-bundle-version"] == "2"
+    assert r.content == (env["bundle"] / lib.MANIFEST).read_bytes()
+    assert c.get("/v1/lines/other-line/manifest", headers=h).status_code == 404
+    v3 = make_bundle(env["tmp"] / "src", env["keys"][0], 3)
+    hq.publish_bundle(env["state"], v3)
+    assert c.get(f"/v1/lines/{LINE}/manifest", headers=h).headers["x-bundle-version"] == "3"
+    with pytest.raises(hq.HQError, match="must increase"):
+        hq.publish_bundle(env["state"], make_bundle(env["tmp"] / "old", env["keys"][0], 1))
+    with pytest.raises(hq.HQError, match="must increase"):
+        hq.publish_bundle(env["state"], v3)
+
+
+def test_publish_refuses_broken_bundles(env):
+    private, public = env["keys"]
+    bad = make_bundle(env["tmp"] / "bad", private, 5)
+    (bad / "scorer.onnx").write_bytes(b"changed after signing")
+    with pytest.raises(hq.HQError):
+        hq.publish_bundle(env["state"], bad)
+    unsigned = make_bundle(env["tmp"] / "unsigned", private, 6)
+    (unsigned / lib.SIGNATURE).unlink()
+    with pytest.raises(hq.HQError, match="sign"):
+        hq.publish_bundle(env["state"], unsigned)
+    extra = make_bundle(env["tmp"] / "extra", private, 7)
+    (extra / "stray.txt").write_text("not listed")
+    dest = hq.publish_bundle(env["state"], extra, key_files=None)
+    assert not (dest / "stray.txt").exists() and (dest / "scorer.onnx").exists()
+
+
+def test_range_request_returns_206(env):
+    c, h = env["client"], auth(env["tokens"]["a1"])
+    data = (env["bundle"] / "scorer.onnx").read_bytes()
+    url = f"/v1/lines/{LINE}/bundles/2/scorer.onnx"
+    full = c.get(url, headers=h)
+    assert full.status_code == 200 and full.content == data and full.headers["accept-ranges"] == "bytes"
+    part = c.get(url, headers={**h, "Range": "bytes=1000-1999"})
+    assert part.status_code == 206 and part.content == data[1000:2000]
+    assert part.headers["content-range"] == f"bytes 1000-1999/{len(data)}"
+    tail = c.get(url, headers={**h, "Range": f"bytes={len(data) - 10}-"})
+    assert tail.status_code == 206 and tail.content == data[-10:]
+    assert c.get(url, headers={**h, "Range": f"bytes={len(data) + 5}-"}).status_code == 416
+    nested = c.get(f"/v1/lines/{LINE}/bundles/2/golden/expected.json", headers=h)
+    assert nested.status_code == 200 and nested.content == b"[]"
+    assert c.get(f"/v1/lines/{LINE}/bundles/2/missing.onnx", headers=h).status_code == 404
+    assert c.get(f"/v1/lines/{LINE}/bundles/9/scorer.onnx", headers=h).status_code == 404
+
+
+@pytest.mark.parametrize("path", [
+    f"/v1/lines/{LINE}/bundles/2/../../../../hq.db",
+    f"/v1/lines/{LINE}/bundles/2/golden/../../2/scorer.onnx",
+    f"/v1/lines/{LINE}/bundles/2/..%2f..%2f..%2f..%2fhq.db",
+    f"/v1/lines/{LINE}/bundles/2/%2e%2e/%2e%2e/%2e%2e/%2e%2e/hq.db",
+    f"/v1/lines/{LINE}/bundles/2/%252e%252e/%252e%252e/hq.db",
+    f"/v1/lines/{LINE}/bundles/2/..%5c..%5c..%5chq.db",
+    f"/v1/lines/{LINE}/bundles/2/golden%5cexpected.json",
+    f"/v1/lines/{LINE}/bundles/2//etc/passwd",
+    f"/v1/lines/{LINE}/bundles/2/%2fetc%2fpasswd",
+    f"/v1/lines/{LINE}/bundles/2/./scorer.onnx",
+    f"/v1/lines/{LINE}/bundles/2/scorer.onnx%00.txt",
+    f"/v1/lines/{LINE}/bundles/../../hq.db",
+    f"/v1/lines/{LINE}/bundles/-1/scorer.onnx",
+    f"/v1/lines/%2e%2e/bundles/2/scorer.onnx",
+    "/v1/lines/..%2f..%2fbundles/2/scorer.onnx",
+])
+def test_path_tricks_are_refused(env, path):
+    before = snapshot(env["state"])
+    status, body = raw_get(env["srv"], path, env["tokens"]["a1"])
+    assert status in (400, 404)          # 400 wherever the route matched; 404 if no route did
+    assert b"SQLite" not in body and b"root:" not in body and body != (env["bundle"] / "scorer.onnx").read_bytes()
+    if not path.startswith("/v1/lines/..%2f"):   # the one where no route matches at all
+        assert status == 400, body
+    assert snapshot(env["state"]) == before
+
+
+def test_links_out_of_the_bundle_are_not_served(env):
+    (env["published"] / "secret").symlink_to(env["state"] / "hq.db")
+    (env["published"] / "dir").symlink_to(env["state"])
+    for path in ("secret", "dir/hq.db"):
+        status, body = raw_get(env["srv"], f"/v1/lines/{LINE}/bundles/2/{path}", env["tokens"]["a1"])
+        assert status == 404 and b"SQLite" not in body
