@@ -1,6 +1,7 @@
 """Appliance configuration: one YAML file -> a frozen, validated dataclass."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class ApplianceConfig:
     retention_days: float = 30.0
     hq_url: str | None = None
     hq_token_file: Path | None = None
+    sync_interval_s: float = 300.0          # in-process sync with HQ every this many seconds; 0 = off
+    commit_after_inspections: int = 20      # a hot-swapped model is kept after this many healthy inspections
+    commit_timeout_s: float = 60.0          # ... within this time, else the old model is swapped back
     operator_pins: dict = field(default_factory=dict)  # name -> PIN, hashed into the store on start
 
     def __post_init__(self):
@@ -46,6 +50,19 @@ class ApplianceConfig:
         unknown = set(self.thresholds) - {"p_best", "ood_distance", "image_reliance"}
         if unknown:
             raise ConfigError(f"unknown thresholds {sorted(unknown)}; use p_best, ood_distance, image_reliance")
+        self._check_sync()
+
+    def _check_sync(self) -> None:
+        if not _is_number(self.sync_interval_s) or self.sync_interval_s < 0:
+            raise ConfigError(f"sync_interval_s must be 0 (no in-process sync) or a number of seconds, "
+                              f"not {self.sync_interval_s!r}; e.g. sync_interval_s: 300")
+        if not isinstance(self.commit_after_inspections, int) or isinstance(self.commit_after_inspections, bool) \
+                or self.commit_after_inspections < 1:
+            raise ConfigError(f"commit_after_inspections must be a whole number of at least 1, not "
+                              f"{self.commit_after_inspections!r}; e.g. commit_after_inspections: 20")
+        if not _is_number(self.commit_timeout_s) or self.commit_timeout_s <= 0:
+            raise ConfigError(f"commit_timeout_s must be a positive number of seconds, not "
+                              f"{self.commit_timeout_s!r}; e.g. commit_timeout_s: 60")
 
     @property
     def db_path(self) -> Path:
@@ -61,6 +78,11 @@ class ApplianceConfig:
 
     def key_files(self) -> list[Path]:
         return list(self.trusted_keys) or sorted(DEFAULT_KEYS.glob("*.pub"))
+
+
+def _is_number(value) -> bool:
+    """An int or float, not a bool and not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 PATH_FIELDS = {"state_dir", "bundle", "hq_token_file"}

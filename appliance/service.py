@@ -4,6 +4,11 @@ Startup order: open the store, pick the active bundle, verify its signature, loa
 the golden-set check, start the camera and the inspection loop, then tell systemd READY.
 The loop keeps inspecting whatever the camera, the network or an operator does; an
 inspection is committed to SQLite before the UI or API shows it.
+
+With hq_url set and sync_interval_s > 0 a daemon thread runs sync_once every interval with
+hot_swap as its swap: a new bundle is golden-checked, swapped in while the loop keeps going,
+and committed after commit_after_inspections healthy inspections, else swapped back. A
+failed sync pass is logged and never stops inspection.
 """
 from __future__ import annotations
 
@@ -21,11 +26,15 @@ import numpy as np
 from appliance import metrics, models_install
 from appliance.capture import LatestFrameGrabber, open_source
 from appliance.config import ApplianceConfig
-from appliance.errors import CaptureError, ModelError
+from appliance.errors import BadExplanation, BadFrame, CaptureError, ModelError
 from appliance.runtime import Judgement, ModelRuntime
 from appliance.store import Store
+from appliance.sync import sync_once
 
 log = logging.getLogger("linejudge.appliance")
+
+FIRST_SYNC_DELAY_S = 5.0    # the first in-process sync pass comes this soon after start (or sooner)
+STOP_JOIN_S = 5.0           # stop() waits this long for each thread
 
 
 def sd_notify(message: str) -> bool:
@@ -39,6 +48,38 @@ def sd_notify(message: str) -> bool:
         sock.connect(address)
         sock.sendall(message.encode())
     return True
+
+
+class _Stopping(BaseException):
+    """stop() interrupted a sync pass (a backoff wait or a model trial). It unwinds sync_once
+    without recording a verdict on the offered bundle, so the next start tries it again; a
+    BaseException so that the pass's catch-all handlers do not log it as a failed install."""
+
+
+class SwapTrial:
+    """A hot-swapped runtime on probation. Counts the inspections (camera loop or API) it judged
+    and committed, keeps the first error it raised, and sets `done` once it has enough healthy
+    ones or an error. Bad input (BadFrame, BadExplanation) counts neither way."""
+
+    def __init__(self, runtime: ModelRuntime, needed: int):
+        self.runtime, self.needed = runtime, needed
+        self.healthy, self.error = 0, None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+
+    def record(self, runtime: ModelRuntime, error: BaseException | None = None) -> None:
+        """One inspection judged by `runtime` (ignored unless it is the runtime on trial)."""
+        if runtime is not self.runtime:
+            return
+        with self._lock:
+            if self.done.is_set():
+                return
+            if error is not None:
+                self.error = f"inspection failed with {type(error).__name__}: {error}"
+            else:
+                self.healthy += 1
+            if error is not None or self.healthy >= self.needed:
+                self.done.set()
 
 
 @dataclass
@@ -65,14 +106,17 @@ class Appliance:
         self._stop = threading.Event()
         self._grabber: LatestFrameGrabber | None = None
         self._thread: threading.Thread | None = None
+        self._sync_thread: threading.Thread | None = None
+        self._swap_lock = threading.Lock()           # one hot swap at a time
+        self._trial: SwapTrial | None = None         # the hot-swapped runtime awaiting commit
+        self.last_sync: dict | None = None           # the last in-process sync pass's result
         self.extra_candidates: list[str] | None = None   # e.g. an upstream generator's best-of-N
 
     # ---------------------------------------------------------------- model
     def _load_model(self) -> ModelRuntime:
         bundle = models_install.active_bundle(self.cfg.bundles_dir, self.cfg.bundle)
         manifest = models_install.verify(bundle, self.cfg.key_files(), line=self.cfg.line)
-        runtime = ModelRuntime(bundle, manifest, self.cfg.backend, self.cfg.providers,
-                               self.cfg.allow_provider_fallback, self.cfg.thresholds, self.cfg.threads)
+        runtime = self._open_runtime(bundle, manifest)
         check = runtime.golden_check()
         if not check["ok"]:
             raise ModelError(f"bundle {bundle} fails its golden-set check: {check['failures'][:2]}")
@@ -81,18 +125,74 @@ class Appliance:
         log.info("model v%s loaded from %s on %s", runtime.version, bundle, runtime.provider)
         return runtime
 
+    def _open_runtime(self, bundle: Path, manifest: dict) -> ModelRuntime:
+        """A runtime for a verified bundle, with this appliance's backend, providers and thresholds."""
+        return ModelRuntime(bundle, manifest, self.cfg.backend, self.cfg.providers,
+                            self.cfg.allow_provider_fallback, self.cfg.thresholds, self.cfg.threads)
+
     def swap_model(self, runtime: ModelRuntime) -> None:
         """Hot swap: the next frame is judged by the new model; no frame is dropped."""
         with self._lock:
             self.runtime = runtime
         metrics.MODEL_VERSION.set(runtime.version)
 
+    def hot_swap(self, staged: Path, manifest: dict) -> tuple[bool, str]:
+        """sync_once's swap in the running service: load the staged (verified) bundle, run its
+        golden-set check, swap it in, and keep it once it has judged commit_after_inspections
+        inspections without an error within commit_timeout_s; otherwise swap the old model back.
+        Returns (ok, reason); sync_once then switches `current` or records the rejection."""
+        with self._swap_lock:
+            if self._stop.is_set():
+                raise _Stopping("the appliance is stopping")
+            candidate = self._open_runtime(staged, manifest)
+            check = candidate.golden_check()
+            if not check["ok"]:
+                return False, f"golden-set check failed: {check['failures'][:2]}"
+            old, trial = self.runtime, SwapTrial(candidate, self.cfg.commit_after_inspections)
+            with self._lock:
+                self._trial = trial
+            self.swap_model(candidate)
+            log.info("model v%s swapped in for v%s; on trial for %d inspections",
+                     candidate.version, old.version, trial.needed)
+            try:
+                problem = self._await_trial(trial)
+            except BaseException:
+                self.swap_model(old)
+                raise
+            finally:
+                with self._lock:
+                    self._trial = None
+        if problem:
+            self.swap_model(old)
+            log.warning("model v%s rolled back to v%s: %s", candidate.version, old.version, problem)
+            return False, f"rolled back to v{old.version}: {problem}"
+        log.info("model v%s committed after %d healthy inspections", candidate.version, trial.healthy)
+        return True, ""
+
+    def _await_trial(self, trial: SwapTrial) -> str | None:
+        """Wait for the trial's verdict: None when healthy, else why not (error or timeout)."""
+        deadline = time.monotonic() + self.cfg.commit_timeout_s
+        while not trial.done.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self._stop.is_set():
+                raise _Stopping("the appliance stopped during a model trial")
+            if time.monotonic() >= deadline:
+                return (f"only {trial.healthy} of {trial.needed} inspections judged within "
+                        f"commit_timeout_s={self.cfg.commit_timeout_s:g} s")
+        return trial.error
+
     # ---------------------------------------------------------------- inspection
     def inspect(self, frame: np.ndarray, extra: list[str] | None = None, only_extra: bool = False,
                 source: str = "camera") -> tuple[int, Judgement]:
         with self._lock:
-            runtime = self.runtime
-        judgement = runtime.judge(frame, extra, only_extra)
+            runtime, trial = self.runtime, self._trial
+        try:
+            judgement = runtime.judge(frame, extra, only_extra)
+        except (BadFrame, BadExplanation):
+            raise                       # the input's fault, not the model's
+        except Exception as exc:
+            if trial is not None:
+                trial.record(runtime, exc)
+            raise
         d = judgement.decision
         png = cv2.imencode(".png", frame)[1].tobytes() if self.cfg.save_frames else None
         inspection_id = self.store.log_inspection(
@@ -100,6 +200,8 @@ class Appliance:
             verdict=d.verdict, best_score=d.best_score, p_best=d.p_best, flagged=d.flagged,
             reasons=d.reasons, ranking=d.ranking, latency_ms=judgement.latency_ms, frame_png=png)
         metrics.observe(judgement)
+        if trial is not None:
+            trial.record(runtime)
         return inspection_id, judgement
 
     def _loop(self) -> None:
@@ -131,15 +233,43 @@ class Appliance:
         self._grabber = LatestFrameGrabber(source, max_fps=self.cfg.max_fps)
         self._thread = threading.Thread(target=self._loop, name="inspection-loop", daemon=True)
         self._thread.start()
+        if self.cfg.hq_url and self.cfg.sync_interval_s > 0:
+            self._sync_thread = threading.Thread(target=self._sync_loop, name="hq-sync", daemon=True)
+            self._sync_thread.start()
         sd_notify(f"READY=1\nSTATUS=inspecting with model v{self.runtime.version} on {self.runtime.provider}")
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
+        for thread in (self._thread, self._sync_thread):
+            if thread:
+                thread.join(timeout=STOP_JOIN_S)
+        if self._sync_thread and self._sync_thread.is_alive():
+            log.warning("the sync pass did not end within %g s (a request in flight); stopping anyway",
+                        STOP_JOIN_S)
         if self._grabber:
             self._grabber.stop()
         self.store.close()
+
+    # ---------------------------------------------------------------- sync with HQ
+    def _sync_loop(self) -> None:
+        """The sync thread: a pass soon after start, then every sync_interval_s, until stop()."""
+        delay = min(FIRST_SYNC_DELAY_S, self.cfg.sync_interval_s)
+        while not self._stop.wait(delay):
+            try:
+                self.last_sync = sync_once(self.cfg, self.store, swap=self.hot_swap,
+                                           sleep=self._sleep_unless_stopping)
+                _log_sync(self.last_sync)
+            except _Stopping as exc:
+                log.info("sync pass ended: %s; an offered bundle is tried again on the next start", exc)
+                return
+            except Exception:  # a failed sync never stops inspection
+                log.exception("sync pass failed; the next pass retries")
+            delay = self.cfg.sync_interval_s
+
+    def _sleep_unless_stopping(self, seconds: float) -> None:
+        """sync_once's backoff wait; ends the pass at once when stop() is called."""
+        if self._stop.wait(seconds):
+            raise _Stopping("the appliance is stopping")
 
     def seconds_since_progress(self) -> float:
         return time.monotonic() - self.live.last_progress
@@ -158,6 +288,17 @@ class Appliance:
                 "dropped_frames": self._grabber.dropped if self._grabber else 0,
                 "disk_free_mb": usage, "alarm": getattr(self.store, "alarm", None),
                 "thresholds": vars(self.runtime.thresholds), **stats}
+
+
+def _log_sync(result: dict) -> None:
+    """One log line per sync pass: a warning when it had errors, else info."""
+    model = result.get("model", {})
+    summary = (f"sync: sent {result.get('sent')}, pending {result.get('pending')}, model "
+               f"{model.get('action')}{' (' + model['reason'] + ')' if model.get('reason') else ''}")
+    if result.get("ok"):
+        log.info("%s", summary)
+    else:
+        log.warning("%s; errors: %s", summary, "; ".join(result.get("errors", []))[:500])
 
 
 def replay_source(spec):

@@ -1,0 +1,264 @@
+"""The running appliance syncs with HQ itself: a newer signed bundle is golden-checked, hot-swapped
+while the inspection loop keeps going, committed after N healthy inspections or rolled back, and
+the install result reaches HQ."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from appliance.config import config_from_dict
+from appliance.errors import ConfigError
+from appliance.service import Appliance
+from appliance.store import Store
+from models import bundle as lib
+from training.hq import server as hq
+
+APPLIANCE_ID = "a1"
+
+
+# ---------------------------------------------------------------- bundles
+
+def resign(bundle: Path, private_key: Path, version: int) -> Path:
+    """Rewrite bundle's manifest (version, file hashes of its current files) and sign it."""
+    manifest = json.loads((bundle / lib.MANIFEST).read_text())
+    manifest["version"] = version
+    manifest["files"] = [{"path": e["path"], "bytes": (bundle / e["path"]).stat().st_size,
+                          "sha256": lib.file_sha256(bundle / e["path"])} for e in manifest["files"]]
+    lib.write_manifest(bundle, manifest)
+    lib.sign_bundle(bundle, private_key)
+    return bundle
+
+
+def next_version(tiny_bundle, out: Path, *, break_golden: bool = False) -> Path:
+    """The tiny bundle as version 2, signed with the tiny bundle's key (the appliance trusts it).
+    break_golden: the recorded golden rewards are shifted, so the golden-set check fails while
+    the signature is valid."""
+    source, public, _ = tiny_bundle
+    bundle = out / "el-solar-v2"
+    shutil.copytree(source, bundle)
+    if break_golden:
+        expected_file = bundle / "golden" / "expected.json"
+        expected = json.loads(expected_file.read_text())
+        for row in expected:
+            row["rewards"] = [r + 10.0 for r in row["rewards"]]
+        expected_file.write_text(json.dumps(expected))
+    return resign(bundle, public.with_suffix(".key"), version=2)
+
+
+@pytest.fixture(scope="module")
+def v2(tiny_bundle, tmp_path_factory) -> Path:
+    return next_version(tiny_bundle, tmp_path_factory.mktemp("v2"))
+
+
+@pytest.fixture(scope="module")
+def v2_bad_golden(tiny_bundle, tmp_path_factory) -> Path:
+    return next_version(tiny_bundle, tmp_path_factory.mktemp("v2-bad"), break_golden=True)
+
+
+# ---------------------------------------------------------------- HQ and the appliance
+
+@pytest.fixture()
+def hq_server(tmp_path):
+    """HQ with appliance a1 registered; yields (state_dir, server, token_file)."""
+    state = tmp_path / "hq"
+    token_file = tmp_path / "hq-token"
+    token_file.write_text(hq.add_appliance(state, APPLIANCE_ID) + "\n")
+    with hq.BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as server:
+        yield state, server, token_file
+
+
+@pytest.fixture()
+def make_appliance(tiny_bundle, hq_server, tmp_path):
+    """make_appliance(**config) -> an Appliance on the tiny bundle (v1), syncing with HQ, not started."""
+    bundle, public, _ = tiny_bundle
+    _, server, token_file = hq_server
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(frames / f"f{i}.png"), np.full((64, 64), 30 + 50 * i, np.uint8))
+    made = []
+
+    def make(**overrides) -> Appliance:
+        cfg = {"state_dir": str(tmp_path / "state"), "bundle": str(bundle), "trusted_keys": [str(public)],
+               "source": str(frames), "max_fps": 50, "save_frames": False, "hq_url": server.url,
+               "hq_token_file": str(token_file), "sync_interval_s": 0.3, "commit_after_inspections": 5,
+               "commit_timeout_s": 30, **overrides}
+        made.append(Appliance(config_from_dict(cfg)))
+        return made[-1]
+    yield make
+    for app in made:
+        if not app.store._closed:
+            app.stop()
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def synced(app: Appliance, action: str):
+    """The last sync result once its model phase ended with `action`."""
+    return lambda: app.last_sync if app.last_sync and app.last_sync["model"]["action"] == action else None
+
+
+def rows(app: Appliance, after: int = 0) -> list[dict]:
+    return app.store._query("SELECT id, ts, model_version FROM inspections WHERE id > ? ORDER BY id", [after])
+
+
+def inspected(app: Appliance) -> int:
+    return app.store.stats()["inspections"]
+
+
+def fleet_entry(state: Path) -> dict:
+    return next(a for a in hq.fleet(state) if a["appliance_id"] == APPLIANCE_ID)
+
+
+def current_version(app: Appliance) -> int | None:
+    current = app.cfg.bundles_dir / "current"
+    return json.loads((current / lib.MANIFEST).read_text())["version"] if current.exists() else None
+
+
+# ---------------------------------------------------------------- tests
+
+def test_new_bundle_is_hot_swapped_without_stopping_inspection(make_appliance, hq_server, v2):
+    state, _, _ = hq_server
+    app = make_appliance()
+    app.start()
+    wait_for(lambda: inspected(app) >= 3, what="v1 inspections")
+    hq.publish_bundle(state, v2)
+    samples = []                                        # (monotonic time, inspections) while it swaps
+    while not synced(app, "installed")():
+        samples.append((time.monotonic(), inspected(app)))
+        assert samples[-1][0] - samples[0][0] < 90, app.last_sync
+        time.sleep(0.05)
+    committed = inspected(app)
+    wait_for(lambda: inspected(app) >= committed + 3, what="inspections after the commit")
+
+    assert app.last_sync["ok"], app.last_sync
+    assert app.runtime.version == 2 and current_version(app) == 2
+    versions = [r["model_version"] for r in rows(app)]
+    assert versions[0] == 1 and versions[-1] == 2
+    assert versions == sorted(versions)                 # v1 judged up to the swap, v2 from then on
+    assert versions.count(2) >= app.cfg.commit_after_inspections
+    # the loop never paused: no gap between committed inspections, the count rose throughout
+    stamps = [datetime.fromisoformat(r["ts"]).timestamp() for r in rows(app)]
+    assert max(b - a for a, b in zip(stamps, stamps[1:])) < 5.0
+    assert samples[-1][1] > samples[0][1]
+    assert {m["version"]: m["state"] for m in app.store.model_states()} == {1: "previous", 2: "active"}
+    entry = fleet_entry(state)
+    assert entry["model_version"] == 2 and entry["last_install"]["state"] == "active"
+    assert entry["last_install"]["version"] == 2
+
+
+def test_bundle_failing_its_golden_check_is_rejected_and_v1_keeps_judging(make_appliance, hq_server,
+                                                                          v2_bad_golden):
+    state, _, _ = hq_server
+    hq.publish_bundle(state, v2_bad_golden)
+    app = make_appliance()
+    app.start()
+    result = wait_for(synced(app, "rejected"), what="the rejection")
+    assert "golden-set check failed" in result["model"]["reason"]
+    seen = inspected(app)
+    wait_for(lambda: inspected(app) > seen + 3, what="inspections after the rejection")
+    assert app.runtime.version == 1 and current_version(app) is None
+    assert {r["model_version"] for r in rows(app)} == {1}
+    states = {m["version"]: m["state"] for m in app.store.model_states()}
+    assert states == {1: "active", 2: "rejected"}
+    entry = fleet_entry(state)
+    assert entry["model_version"] == 1 and entry["last_install"]["state"] == "rejected"
+    assert "golden-set" in entry["last_install"]["reason"]
+
+
+def test_bundle_that_fails_in_inspection_is_rolled_back(make_appliance, hq_server, v2):
+    state, _, _ = hq_server
+    hq.publish_bundle(state, v2)
+    app = make_appliance()
+    open_runtime = app._open_runtime
+
+    def broken_runtime(bundle, manifest):          # passes the golden check, then cannot judge
+        runtime = open_runtime(bundle, manifest)
+
+        def judge(*args, **kwargs):
+            raise RuntimeError("scorer produced garbage")
+        runtime.judge = judge
+        return runtime
+    app._open_runtime = broken_runtime
+    app.start()
+    result = wait_for(synced(app, "rejected"), what="the rollback")
+    assert result["model"]["reason"].startswith("rolled back to v1") and "garbage" in result["model"]["reason"]
+    last = rows(app)[-1]["id"]
+    wait_for(lambda: len(rows(app, last)) >= 3, what="inspections after the rollback")
+    assert app.runtime.version == 1 and current_version(app) is None
+    assert {r["model_version"] for r in rows(app)} == {1}       # v2 never committed a row
+    assert {m["version"]: m["state"] for m in app.store.model_states()} == {1: "active", 2: "rejected"}
+    entry = fleet_entry(state)
+    assert entry["model_version"] == 1 and entry["last_install"]["state"] == "rejected"
+    assert "rolled back" in entry["last_install"]["reason"]
+
+
+def test_a_trial_that_times_out_is_rolled_back(make_appliance, hq_server, v2):
+    state, _, _ = hq_server
+    hq.publish_bundle(state, v2)
+    app = make_appliance(commit_after_inspections=10_000, commit_timeout_s=0.5)
+    app.start()
+    result = wait_for(synced(app, "rejected"), what="the rollback")
+    assert "commit_timeout_s" in result["model"]["reason"]
+    assert app.runtime.version == 1 and current_version(app) is None
+    assert fleet_entry(state)["last_install"]["state"] == "rejected"
+
+
+def test_stop_ends_an_idle_sync_thread_promptly(make_appliance):
+    app = make_appliance(sync_interval_s=3600)
+    app.start()
+    time.sleep(0.3)
+    assert app._sync_thread.is_alive()
+    started = time.monotonic()
+    app.stop()
+    assert time.monotonic() - started < 2.0
+    assert not app._sync_thread.is_alive() and not app._thread.is_alive()
+
+
+def test_stop_during_a_trial_neither_commits_nor_rejects(make_appliance, hq_server, v2):
+    state, _, _ = hq_server
+    hq.publish_bundle(state, v2)
+    app = make_appliance(commit_after_inspections=10_000, commit_timeout_s=600)
+    app.start()
+    wait_for(lambda: app.runtime.version == 2, what="the swap")
+    started = time.monotonic()
+    app.stop()
+    assert time.monotonic() - started < 2.0 and not app._sync_thread.is_alive()
+    assert app.runtime.version == 1 and current_version(app) is None
+    with Store(app.cfg.db_path) as store:               # v2 is tried again on the next start
+        assert {m["version"]: m["state"] for m in store.model_states()} == {1: "active"}
+
+
+@pytest.mark.parametrize("overrides", [{"sync_interval_s": 0}, {"hq_url": None}])
+def test_no_sync_thread_without_hq_or_with_interval_zero(make_appliance, overrides):
+    app = make_appliance(**overrides)
+    app.start()
+    assert app._sync_thread is None
+    app.stop()
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("sync_interval_s", -1, "sync_interval_s: 300"),
+    ("sync_interval_s", "often", "sync_interval_s"),
+    ("commit_after_inspections", 0, "commit_after_inspections: 20"),
+    ("commit_after_inspections", 2.5, "whole number"),
+    ("commit_timeout_s", 0, "commit_timeout_s: 60"),
+])
+def test_bad_sync_settings_are_refused(key, value, words):
+    with pytest.raises(ConfigError, match=words):
+        config_from_dict({key: value})
