@@ -59,7 +59,23 @@ def cmd_hq(args) -> int:
     elif args.action == "publish":
         print(f"published {server.publish_bundle(Path(args.state_dir), Path(args.bundle))}")
     else:
-        raise LinejudgeError("hq retrain is not available yet: see issue 5's closing note")
+        return _hq_retrain(args)
+    return 0
+
+
+def _hq_retrain(args) -> int:
+    from training.config import load_config
+    from training.hq.retrain import RetrainOptions, retrain
+    missing = [flag for flag, value in (("--config", args.config), ("--base", args.base), ("--out", args.out))
+               if not value]
+    if missing:
+        raise LinejudgeError(f"hq retrain needs {', '.join(missing)}: see `linejudge hq --help`")
+    opts = RetrainOptions(hq_state=Path(args.state_dir), base_run=Path(args.base), out=Path(args.out),
+                          line=args.line, key=Path(args.key) if args.key else None, key_id=args.key_id,
+                          gate_points=args.gate_points, fleet_repeat=args.fleet_repeat)
+    report = retrain(load_config(args.config), opts)
+    print(json.dumps({k: report[k] for k in ("fleet_pairs", "heldout_pairs", "before", "after", "published")},
+                     indent=2))
     return 0
 
 
@@ -198,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token", help="serve: token for GET /v1/fleet (default: $LINEJUDGE_HQ_ADMIN_TOKEN)")
     p.add_argument("--appliance", help="add-appliance: appliance id")
     p.add_argument("--bundle", help="publish: signed bundle directory")
+    p.add_argument("--config", help="retrain: fleet config (training/configs/fleet.yaml)")
+    p.add_argument("--base", help="retrain: the run the current model came from (runs/full)")
+    p.add_argument("--out", help="retrain: new run directory")
+    p.add_argument("--key", help="retrain: signing key; without it the model is trained and gated, not published")
+    p.add_argument("--key-id", default=None)
+    p.add_argument("--line", default="el-solar")
+    p.add_argument("--gate-points", type=float, default=0.5,
+                   help="retrain: allowed drop on ELPV val and golden frames, in points")
+    p.add_argument("--fleet-repeat", type=int, default=8, help="retrain: oversampling of fleet pairs")
     p.set_defaults(func=cmd_hq)
 
     p = sub.add_parser("bench", help="latency/throughput of torch, ONNX fp32 and INT8 (JSON + PNG)")

@@ -11,7 +11,8 @@ import yaml
 from appliance.errors import ConfigError
 from models.reward_model import STUDENT, TEACHER, ModelConfig
 
-STAGE_NAMES = ("text", "multimodal", "distill")
+STAGE_NAMES = ("text", "multimodal", "distill", "fleet")
+FLEET_STAGES = ("fleet", "distill")   # `linejudge hq retrain` configs: exactly these, in order
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class TrainConfig:
             raise ConfigError("a training config needs at least one stage")
         if len(set(names)) != len(names):
             raise ConfigError(f"each stage may appear once, got {names}")
+        if "fleet" in names and tuple(names) != FLEET_STAGES:
+            raise ConfigError(f"a fleet retraining config has exactly the stages {list(FLEET_STAGES)}, got {names}")
         if "distill" in names and names[-1] != "distill":
             raise ConfigError("distill must be the last stage (it needs the finished teacher)")
 

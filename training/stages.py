@@ -103,7 +103,8 @@ def distill_step(student, proxy, teacher, enc, stage: StageConfig, batch):
             + stage.centring * centring(r_s))
 
 
-STEPS = {"text": text_step, "multimodal": multimodal_step, "distill": distill_step}
+# fleet: the multimodal loss on operator preference pairs mixed with replay of the base data
+STEPS = {"text": text_step, "multimodal": multimodal_step, "distill": distill_step, "fleet": multimodal_step}
 
 
 # ------------------------------------------------------------------ validation

@@ -111,6 +111,8 @@ def copy_image_trunk(teacher: RewardModel, student: RewardModel) -> None:
 
 def train(cfg: TrainConfig, out: str | Path) -> dict:
     out = Path(out)
+    if any(s.name == "fleet" for s in cfg.stages):
+        raise ConfigError(f"{cfg.name} is a fleet retraining config: run it with `linejudge hq retrain`")
     distributed.init()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -1,0 +1,225 @@
+"""`linejudge hq retrain`: operator reviews from the fleet -> a better, signed model bundle.
+
+    1. fleet data   preference pairs the appliances synced (frame + chosen + rejected), split
+                    by inspection into train and held-out reviews (held-out never trains)
+    2. fleet stage  the current teacher continues on the fleet pairs, oversampled, mixed with
+                    replay of its base data; the multimodal loss with shortcut-aware weights
+    3. distill      the current student re-distils from the new teacher on the same mix
+    4. gate         new vs current student: ELPV val pairwise accuracy and the golden frames
+                    may not drop more than `gate_points`; held-out fleet reviews must improve
+    5. publish      export (parity + INT8 gate), sign, publish to HQ; lineage lists the
+                    feedback that trained it. A failed gate publishes nothing.
+
+Not done here: pseudo-preferences for unreviewed flagged frames (MM-UPT majority vote). The
+appliances upload frames only with reviews, so HQ has no unreviewed frames to vote on yet.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from appliance.errors import LinejudgeError
+from appliance.preprocess import read_image, resize_gray
+from models.reward_model import load_model
+from training.config import TrainConfig
+from training.data import elpv
+from training.data.batches import CandidateSet, el_catalog, entry_index
+from training.hq import server as hq
+from training.stages import Encoder, pairwise_accuracy, run_stage
+from training.train import _claim_run_dir, build_data, check_no_test_cells, preprocess_spec, seed_everything
+
+
+class RetrainError(LinejudgeError):
+    """Fleet retraining cannot run or did not pass its gate."""
+
+
+@dataclass(frozen=True)
+class RetrainOptions:
+    hq_state: Path
+    base_run: Path                    # run dir holding multimodal/{model,proxy} and distill/model
+    out: Path
+    line: str = "el-solar"
+    key: Path | None = None           # sign + publish when given
+    key_id: str | None = None
+    heldout_fraction: float = 0.2
+    fleet_repeat: int = 8             # each fleet pair is seen this many times per epoch
+    gate_points: float = 0.5
+    export_val_limit: int | None = None
+    calibration_frames: int = 320
+    int8_gate_points: float = 0.5
+    int8_gate_top1: float = 0.99
+
+
+# ------------------------------------------------------------------ 1. fleet data
+@dataclass
+class FleetSet(CandidateSet):
+    """One operator preference per item: (frame, chosen, rejected), repeated `repeat` times."""
+    pairs: list = None
+    repeat: int = 1
+    flippable = False                 # the explanation may name a location
+
+    def __len__(self) -> int:
+        return len(self.pairs) * self.repeat
+
+    def texts(self, i, rng, heldout=False, display=False):
+        pair = self.pairs[i % len(self.pairs)]
+        return [pair["chosen"], pair["rejected"]]
+
+
+def fleet_pairs(hq_state: Path) -> list[dict]:
+    """Preference records with an uploaded frame, as {key, inspection, chosen, rejected, frame_file}."""
+    out = []
+    for rec in hq.feedback_records(hq_state, kind="preference"):
+        p = rec["payload"]
+        if rec["frame_file"] and isinstance(p.get("chosen"), str) and isinstance(p.get("rejected"), str):
+            out.append({"key": f"{rec['appliance_id']}/{rec['idempotency_key']}",
+                        "inspection": f"{rec['appliance_id']}/{p.get('inspection_id')}",
+                        "chosen": p["chosen"], "rejected": p["rejected"], "frame_file": rec["frame_file"]})
+    return out
+
+
+def split_by_inspection(pairs: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """Held-out = the inspections with the lowest sha256 of their id (stable as data grows)."""
+    inspections = sorted({p["inspection"] for p in pairs}, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
+    n_held = min(max(1, round(fraction * len(inspections))), len(inspections) - 1)
+    held = set(inspections[:n_held])
+    return [p for p in pairs if p["inspection"] not in held], [p for p in pairs if p["inspection"] in held]
+
+
+def fleet_set(name: str, pairs: list[dict], size: int, repeat: int = 1) -> FleetSet:
+    frames = np.stack([resize_gray(read_image(p["frame_file"]), size) for p in pairs])
+    frames = np.concatenate([frames] * repeat) if repeat > 1 else frames
+    return FleetSet(name, frames, [p["key"] for p in pairs] * repeat, pairs=pairs, repeat=repeat)
+
+
+# ------------------------------------------------------------------ 4. the gate
+@torch.no_grad()
+def golden_accuracy(model, enc: Encoder, golden_cells: list[str]) -> float | None:
+    """Share of the golden frames (ELPV cells) whose top catalog entry is the labelled one."""
+    if not golden_cells:
+        return None
+    by_id = {c.id: c for c in elpv.read_cells()}
+    cells = [by_id[c] for c in golden_cells if c in by_id]
+    catalog = el_catalog()
+    images = elpv.load_images(cells, enc.spec.image_size)
+    ids, mask = enc.texts(catalog.displays)
+    model.eval()
+    r = model.scorer(model.image_encoder(enc.frames(images)), model.text_encoder(ids, mask)).numpy()
+    truth = np.array([entry_index(catalog, c.level, c.cell_type) for c in cells])
+    return float((r.argmax(1) == truth).mean())
+
+
+def published_golden_cells(hq_state: Path, line: str) -> list[str]:
+    version = hq.latest_bundle(hq_state, line)
+    if version is None:
+        return []
+    expected = Path(hq_state) / "bundles" / line / str(version) / "golden" / "expected.json"
+    return [row["cell"] for row in json.loads(expected.read_text())] if expected.exists() else []
+
+
+def gate(old: dict, new: dict, points: float) -> list[str]:
+    """Reasons the new student may not ship (empty: it passes)."""
+    reasons, tol = [], points / 100
+    for key in ("elpv_val_pairwise", "golden_accuracy"):
+        if old.get(key) is not None and new[key] < old[key] - tol:
+            reasons.append(f"{key} fell from {old[key]:.4f} to {new[key]:.4f} (allowed: {points} points)")
+    if not new["fleet_heldout_pairwise"] > old["fleet_heldout_pairwise"] and old["fleet_heldout_pairwise"] < 1.0:
+        reasons.append(f"held-out fleet reviews did not improve ({old['fleet_heldout_pairwise']:.4f} -> "
+                       f"{new['fleet_heldout_pairwise']:.4f})")
+    return reasons
+
+
+def measure(model, enc: Encoder, val_sets, heldout: FleetSet, golden_cells) -> dict:
+    return {"elpv_val_pairwise": pairwise_accuracy(model, enc, [s for s in val_sets if s.name == "elpv-val"]),
+            "fleet_heldout_pairwise": pairwise_accuracy(model, enc, [heldout]),
+            "golden_accuracy": golden_accuracy(model, enc, golden_cells)}
+
+
+# ------------------------------------------------------------------ the whole retrain
+def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
+    """Run every step; returns the report (also written to out/retrain.json)."""
+    out = Path(opts.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base = Path(opts.base_run)
+    teacher = load_model(base / "multimodal" / "model")
+    proxy = load_model(base / "multimodal" / "proxy", expect=teacher.config)
+    student = load_model(base / "distill" / "model")
+    cfg = replace(cfg, teacher=teacher.config, student=student.config)   # the models come from the base run
+    _claim_run_dir(cfg, out)
+    seed_everything(cfg.seed)
+    spec = preprocess_spec(cfg)
+    enc = Encoder(spec)
+    pairs = fleet_pairs(opts.hq_state)
+    if len({p["inspection"] for p in pairs}) < 2:
+        raise RetrainError(f"HQ at {opts.hq_state} holds reviews of {len({p['inspection'] for p in pairs})} "
+                           "inspection(s) with frames; fleet retraining needs at least 2 (one is held out). "
+                           "Let the appliances sync their reviews first.")
+    train_pairs, held_pairs = split_by_inspection(pairs, opts.heldout_fraction)
+    data = build_data(cfg, spec.image_size)
+    check_no_test_cells(data["train"] + data["val"])
+    fleet_train = fleet_set("fleet-train", train_pairs, spec.image_size, opts.fleet_repeat)
+    heldout = fleet_set("fleet-heldout", held_pairs, spec.image_size)
+    train_sets = [fleet_train, *data["train"]]
+    golden_cells = published_golden_cells(opts.hq_state, opts.line)
+
+    before = measure(student, enc, data["val"], heldout, golden_cells)
+
+    fleet_stage, distill_stage = cfg.stages
+    stages = [run_stage(fleet_stage, teacher, enc, train_sets, data["val"], out, cfg.seed, proxy=proxy)]
+    teacher.eval()
+    stages.append(run_stage(distill_stage, student, enc, train_sets, data["val"], out, cfg.seed, teacher=teacher))
+    after = measure(student, enc, data["val"], heldout, golden_cells)
+
+    report = {"base_run": str(base), "config": cfg.name, "fleet_pairs": len(train_pairs),
+              "heldout_pairs": len(held_pairs), "feedback_ids": [p["key"] for p in train_pairs],
+              "heldout_feedback_ids": [p["key"] for p in held_pairs], "golden_frames": len(golden_cells),
+              "before": before, "after": after, "stages": [{k: v for k, v in s.items() if k != "config"}
+                                                           for s in stages]}
+    report["gate_failures"] = gate(before, after, opts.gate_points)
+    report["published"] = None
+    if not report["gate_failures"] and opts.key:
+        report["published"] = _export_and_publish(out, opts, report)
+    (out / "retrain.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, out / "retrain.png")
+    if report["gate_failures"]:
+        raise RetrainError("the retrained model did not pass the gate, nothing was published: "
+                           + "; ".join(report["gate_failures"]) + f" (report: {out / 'retrain.json'})")
+    return report
+
+
+def _export_and_publish(out: Path, opts: RetrainOptions, report: dict) -> dict:
+    from export.build_bundle import ExportOptions, checkpoint_to_bundle
+    parent = hq.latest_bundle(opts.hq_state, opts.line)
+    version = (parent or 0) + 1
+    export = ExportOptions(line=opts.line, version=version, key=opts.key, key_id=opts.key_id,
+                           parent_version=parent, feedback_ids=tuple(report["feedback_ids"]),
+                           val_limit=opts.export_val_limit, calibration_frames=opts.calibration_frames,
+                           gate_points=opts.int8_gate_points, gate_top1=opts.int8_gate_top1)
+    bundle_dir = out / "bundle" / f"{opts.line}-v{version}"
+    checkpoint_to_bundle(out, bundle_dir, export)
+    published = hq.publish_bundle(opts.hq_state, bundle_dir)
+    return {"version": version, "parent_version": parent, "bundle": str(bundle_dir), "hq_path": str(published)}
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in report["before"] if report["before"][k] is not None and report["after"][k] is not None]
+    x = np.arange(len(keys))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(x - 0.2, [report["before"][k] for k in keys], 0.4, label="current student")
+    ax.bar(x + 0.2, [report["after"][k] for k in keys], 0.4, label="retrained student")
+    ax.set_xticks(x, [k.replace("_", " ") for k in keys])
+    ax.set_ylim(0, 1.05)
+    ax.set_title("fleet retrain: " + ("passed the gate" if not report["gate_failures"] else "gate failed"))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
