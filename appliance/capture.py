@@ -1,10 +1,13 @@
 """Camera sources and a latest-frame grabber.
 
-A source has a `name`, `read()` (a frame, or None when none is ready now) and `close()`.
+A source has a `name`, `read()` (a frame, or None when none is ready now), `close()`, and
+`live`: False for recordings (folders, video files), which have no "now" to keep up with.
 FolderReplay cycles over image files (the demo source). OpenCVSource wraps cv2.VideoCapture
 for USB indexes, /dev/videoN (V4L2), rtsp:// and http(s):// streams, GStreamer pipelines and
 video files, reconnecting with exponential backoff. LatestFrameGrabber reads in a background
-thread and keeps only the newest frame, so inference never works through a stale backlog.
+thread and keeps only the newest frame of a live camera, so inference never works through a
+stale backlog; a recording is read one frame ahead of the consumer instead, so every frame is
+inspected and no CPU goes into decoding frames that would be dropped.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ IDLE_WAIT = 0.01            # the grabber's pause when a source has no frame rea
 
 class FrameSource(Protocol):
     name: str
+    live: bool          # optional; sources without it count as live
 
     def read(self) -> np.ndarray | None: ...
 
@@ -37,6 +41,7 @@ class FrameSource(Protocol):
 
 class FolderReplay:
     """Replays the images of a folder in sorted order, from the start again when loop=True."""
+    live = False
 
     def __init__(self, folder: str | Path, loop: bool = True):
         self.folder = Path(folder)
@@ -106,6 +111,7 @@ class OpenCVSource:
     def __init__(self, spec: str | int, *, max_failures: int | None = None,
                  sleep: Callable[[float], object] | None = None, opener: Callable = cv2.VideoCapture):
         self.spec, self.name = spec, str(spec)
+        self.live = not (isinstance(spec, str) and Path(spec).is_file())      # a video file is a recording
         self.target, self.api = capture_target(spec)
         self.max_failures, self.failures, self.backoff = max_failures, 0, BACKOFF_START
         self._closed = threading.Event()
@@ -172,11 +178,14 @@ def open_source(spec: str | int | Path) -> FrameSource:
 
 class LatestFrameGrabber:
     """Reads `source` in a background thread, at most `max_fps` frames a second, keeping only
-    the newest frame. `captured` counts frames read, `dropped` those replaced before get()."""
+    the newest frame. `captured` counts frames read, `dropped` those replaced before get().
+    A source with live=False is paced by the consumer: the next frame is read while the
+    current one is being judged, and none is dropped."""
 
     def __init__(self, source: FrameSource, max_fps: float | None = None, *, start: bool = True):
         self.source = source
         self.min_interval = 1.0 / max_fps if max_fps else 0.0
+        self.paced = not getattr(source, "live", True)
         self.captured = self.dropped = 0
         self.error: BaseException | None = None
         self._frame, self._frame_id, self._taken_id = None, 0, 0
@@ -202,6 +211,8 @@ class LatestFrameGrabber:
                 return
             if frame is not None:
                 self._publish(frame)
+                if self.paced:
+                    self._wait_until_taken()
             pause = self.min_interval - (time.monotonic() - started)
             self._stop.wait(max(pause, 0.0 if frame is not None else IDLE_WAIT))
 
@@ -213,6 +224,10 @@ class LatestFrameGrabber:
             self.captured += 1
             self._cond.notify_all()
 
+    def _wait_until_taken(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._taken_id >= self._frame_id or self._stop.is_set())
+
     def _has_news(self) -> bool:
         return self._frame_id > self._taken_id or self.error is not None or self._stop.is_set()
 
@@ -223,6 +238,7 @@ class LatestFrameGrabber:
                 raise CaptureError(f"no frame from {self.source.name} within {timeout:g} s; check the camera")
             if self._frame_id > self._taken_id:
                 self._taken_id = self._frame_id
+                self._cond.notify_all()         # a paced reader may go on
                 return self._frame_id, self._frame
             if self.error is not None:
                 raise CaptureError(f"capture from {self.source.name} stopped: {self.error}") from self.error

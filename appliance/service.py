@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,19 @@ class SwapTrial:
                 self.done.set()
 
 
+class FpsWindow:
+    """Frames per second over windows of at least two seconds."""
+
+    def __init__(self, window_s: float = 2.0):
+        self.window_s, self.frames, self.start, self.fps = window_s, 0, time.monotonic(), 0.0
+
+    def tick(self, now: float) -> float:
+        self.frames += 1
+        if now - self.start >= self.window_s:
+            self.fps, self.frames, self.start = self.frames / (now - self.start), 0, now
+        return self.fps
+
+
 @dataclass
 class LiveState:
     """What the Live screen shows: the latest committed inspection."""
@@ -102,6 +116,7 @@ class Appliance:
             self.store.set_operator_pin(name, str(pin))
         self.runtime = self._load_model()
         self.live = LiveState()
+        self._fps = FpsWindow()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._grabber: LatestFrameGrabber | None = None
@@ -183,16 +198,27 @@ class Appliance:
     # ---------------------------------------------------------------- inspection
     def inspect(self, frame: np.ndarray, extra: list[str] | None = None, only_extra: bool = False,
                 source: str = "camera") -> tuple[int, Judgement]:
+        """Judge a frame and commit the inspection; returns (inspection id, judgement)."""
+        judged = self._judge(frame, extra, only_extra)
+        return self._record(frame, *judged, source=source), judged[0]
+
+    def _judge(self, frame: np.ndarray, extra: list[str] | None = None,
+               only_extra: bool = False) -> tuple[Judgement, ModelRuntime, SwapTrial | None]:
+        """The CPU half of an inspection: the current model's judgement (nothing stored yet)."""
         with self._lock:
             runtime, trial = self.runtime, self._trial
         try:
-            judgement = runtime.judge(frame, extra, only_extra)
+            return runtime.judge(frame, extra, only_extra), runtime, trial
         except (BadFrame, BadExplanation):
             raise                       # the input's fault, not the model's
         except Exception as exc:
             if trial is not None:
                 trial.record(runtime, exc)
             raise
+
+    def _record(self, frame: np.ndarray, judgement: Judgement, runtime: ModelRuntime,
+                trial: SwapTrial | None, source: str = "camera") -> int:
+        """The I/O half: save the frame, commit the row; returns the committed id."""
         d = judgement.decision
         png = cv2.imencode(".png", frame)[1].tobytes() if self.cfg.save_frames else None
         inspection_id = self.store.log_inspection(
@@ -202,31 +228,54 @@ class Appliance:
         metrics.observe(judgement)
         if trial is not None:
             trial.record(runtime)
-        return inspection_id, judgement
+        return inspection_id
 
     def _loop(self) -> None:
-        frames, window_start, fps = 0, time.monotonic(), 0.0
-        while not self._stop.is_set():
-            try:
-                _, frame = self._grabber.get(timeout=1.0)
-            except CaptureError as exc:   # the camera reconnects by itself; keep waiting
-                log.warning("%s", exc)
-                continue
-            finally:
-                metrics.DROPPED.set(self._grabber.dropped)
-            try:
-                inspection_id, judgement = self.inspect(frame, self.extra_candidates)
-            except Exception:  # a bad frame must not stop the line
-                log.exception("inspection failed; continuing with the next frame")
-                metrics.ERRORS.inc()
-                continue
-            frames += 1
-            now = time.monotonic()
-            if now - window_start >= 2.0:
-                fps, frames, window_start = frames / (now - window_start), 0, now
-            with self._lock:
-                self.live = LiveState(inspection_id, frame, judgement, fps, now)
-            sd_notify("WATCHDOG=1")
+        """Camera -> judge -> record, pipelined: frame k is saved and committed on the recorder
+        thread while frame k+1 is judged. Frame k reaches the Live screen (and feeds the
+        watchdog) only once its row is committed; at most one commit is in flight."""
+        pending: tuple[Future, np.ndarray, Judgement] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder") as recorder:
+            while not self._stop.is_set():
+                frame = self._next_frame()
+                judged = self._judge_safely(frame) if frame is not None else None
+                if pending is not None:
+                    self._committed(*pending)
+                    pending = None
+                if judged is not None:
+                    pending = (recorder.submit(self._record, frame, *judged), frame, judged[0])
+            if pending is not None:
+                self._committed(*pending)
+
+    def _next_frame(self) -> np.ndarray | None:
+        try:
+            return self._grabber.get(timeout=1.0)[1]
+        except CaptureError as exc:   # the camera reconnects by itself; keep waiting
+            log.warning("%s", exc)
+            return None
+        finally:
+            metrics.DROPPED.set(self._grabber.dropped)
+
+    def _judge_safely(self, frame: np.ndarray):
+        try:
+            return self._judge(frame, self.extra_candidates)
+        except Exception:  # a bad frame must not stop the line
+            log.exception("inspection failed; continuing with the next frame")
+            metrics.ERRORS.inc()
+            return None
+
+    def _committed(self, future: Future, frame: np.ndarray, judgement: Judgement) -> None:
+        """Wait for a frame's commit, then show it and feed the watchdog."""
+        try:
+            inspection_id = future.result()
+        except Exception:  # the store raised (it keeps its own alarm): the line goes on
+            log.exception("inspection could not be recorded; continuing with the next frame")
+            metrics.ERRORS.inc()
+            return
+        now = time.monotonic()
+        with self._lock:
+            self.live = LiveState(inspection_id, frame, judgement, self._fps.tick(now), now)
+        sd_notify("WATCHDOG=1")
 
     def start(self) -> None:
         source = replay_source(self.cfg.source) or open_source(self.cfg.source)

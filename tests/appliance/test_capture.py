@@ -148,3 +148,22 @@ def test_grabber_stops_promptly_while_a_camera_is_backing_off(tmp_path):
     assert time.monotonic() - started < 2 and not grabber._thread.is_alive()
     assert grabber.captured == 0 and grabber.source.failures >= 1
     assert threading.active_count() < 50
+
+
+def test_a_recording_is_paced_by_the_consumer_and_nothing_is_dropped(frames_folder):
+    grabber = LatestFrameGrabber(FolderReplay(frames_folder))
+    taken = []
+    for _ in range(6):
+        time.sleep(0.02)                        # slower than the folder can be read
+        taken.append(grabber.get(timeout=2)[0])
+    grabber.stop()
+    assert taken == [1, 2, 3, 4, 5, 6] and grabber.dropped == 0
+    assert grabber.captured <= len(taken) + 1   # at most one frame read ahead
+
+
+def test_a_video_file_is_a_recording_and_a_camera_is_live(tmp_path):
+    video = tmp_path / "line.mp4"
+    video.write_bytes(b"")
+    assert OpenCVSource(str(video), sleep=lambda s: None).live is False
+    assert OpenCVSource(0, sleep=lambda s: None).live is True
+    assert OpenCVSource("rtsp://camera.local/stream", sleep=lambda s: None).live is True
