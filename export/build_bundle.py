@@ -21,6 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from appliance.candidates import load_catalog
+from appliance.errors import LinejudgeError
 from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import decide_stats, quantize, to_onnx, verify
@@ -33,7 +34,7 @@ GOLDEN_FRAMES = 8
 CALIBRATION_FRAMES = 320
 
 
-class ExportGateError(RuntimeError):
+class ExportGateError(LinejudgeError):
     """An export step failed its check; nothing is written as a finished bundle."""
 
 
@@ -149,10 +150,12 @@ def _calibration_feeds(out: Path, spec, tokenizer, catalog, n: int) -> tuple[lis
 def _quantize(out: Path, spec, tokenizer, catalog, opts: ExportOptions) -> dict:
     image_feeds, scorer_feeds = _calibration_feeds(out, spec, tokenizer, catalog, opts.calibration_frames)
     names = {}
-    for stem, feeds, keep in (("image_encoder", image_feeds, list(opts.keep_fp32)),
-                              ("scorer", scorer_feeds, quantize.head_nodes(out / "scorer.onnx") + list(opts.keep_fp32))):
+    image_keep = quantize.stem_nodes(out / "image_encoder.onnx") + list(opts.keep_fp32)
+    scorer_keep = quantize.head_nodes(out / "scorer.onnx") + list(opts.keep_fp32)
+    for stem, feeds, keep, ops in (("image_encoder", image_feeds, image_keep, None),
+                                   ("scorer", scorer_feeds, scorer_keep, ["MatMul", "Gemm"])):
         target = out / f"{stem}.int8.onnx"
-        quantize.onnx_to_int8(out / f"{stem}.onnx", target, feeds, opts.calibration, keep)
+        quantize.onnx_to_int8(out / f"{stem}.onnx", target, feeds, opts.calibration, keep, ops)
         names[stem] = target.name
     return names
 

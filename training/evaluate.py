@@ -193,8 +193,18 @@ def _heldout(model, enc, syn, data, seed) -> dict:
 
 def evaluate_cli(args) -> int:
     from training.report import write_report
-    metrics, extras = evaluate(Path(args.model), args.split, args.limit)
+    from training.evaluate_bundle import HEADLINE, evaluate_bundle, is_bundle
     out = Path(args.json)
+    if is_bundle(args.model):       # the exported graphs: JSON only, INT8 beside fp32
+        metrics = evaluate_bundle(Path(args.model), args.split, args.limit)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2) + "\n")
+        for k in HEADLINE:
+            print(f"{k:28s} int8 {metrics[k]:.4f}  fp32 {metrics['fp32_' + k]:.4f}  "
+                  f"drop {metrics['int8_drop_points_' + k]:+.2f} points")
+        print(f"metrics -> {out}")
+        return 0
+    metrics, extras = evaluate(Path(args.model), args.split, args.limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     report = Path(args.report) if args.report else out.with_suffix(".html")

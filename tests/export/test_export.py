@@ -56,3 +56,15 @@ def test_failing_int8_gate_names_the_divergent_tensors(tiny_run, tmp_path):
 def test_export_of_an_untrained_run_is_a_clear_error(tmp_path):
     with pytest.raises(ExportGateError, match="no distilled student"):
         checkpoint_to_bundle(tmp_path, tmp_path / "b", ExportOptions())
+
+
+def test_bundle_eval_matches_the_torch_eval_in_fp32_and_reports_the_int8_drop(tiny_run, tiny_bundle):
+    from training.evaluate import evaluate
+    from training.evaluate_bundle import HEADLINE, evaluate_bundle
+    torch_metrics, _ = evaluate(tiny_run[0], "val", limit=24)
+    graphs = evaluate_bundle(tiny_bundle[0], "val", limit=24)
+    for key in ("elpv_binary_accuracy", "elpv_level_accuracy", "pairwise_accuracy"):
+        assert graphs[f"fp32_{key}"] == pytest.approx(torch_metrics[key], abs=1e-9), key
+    for key in HEADLINE:
+        assert graphs[f"int8_drop_points_{key}"] == pytest.approx(100 * (graphs[f"fp32_{key}"] - graphs[key]))
+    assert graphs["model_version"] == tiny_bundle[2]["version"]
