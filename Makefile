@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: run test browser install train-demo train-full eval-full default-bundle bench clean
+.PHONY: run test browser install train-demo train-full eval-full default-bundle bench xdist clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,8 +39,9 @@ train-full: $(STAMP)
 	$(BIN)/linejudge train --config training/configs/full.yaml --out runs/full
 
 eval-full: $(STAMP)
+	$(BIN)/linejudge eval --model runs/full --split val --json runs/full/eval_val.json
 	$(BIN)/linejudge eval --model runs/full --split test --json runs/full/eval_test.json
-	mkdir -p reports/full && cp runs/full/eval_test* reports/full/ && cp runs/full/summary.json reports/full/
+	mkdir -p reports/full && cp runs/full/eval_val* runs/full/eval_test* reports/full/ && cp runs/full/summary.json reports/full/
 
 keys/hq.key:
 	$(BIN)/linejudge bundle keygen --out keys --key-id hq
@@ -49,10 +50,20 @@ keys/hq.key:
 default-bundle: $(STAMP) keys/hq.key
 	$(BIN)/linejudge export --checkpoint runs/full --out $(BUNDLE) --key keys/hq.key --key-id hq
 	$(BIN)/linejudge bundle verify $(BUNDLE)
+	$(BIN)/linejudge eval --model $(BUNDLE) --split test --json reports/full/bundle_eval_test.json
 
 bench: $(STAMP)
 	$(BIN)/linejudge bench --run runs/full --bundle $(BUNDLE) --json reports/bench/bench.json
 	$(BIN)/linejudge bench --pipeline --bundle $(BUNDLE) --json reports/bench/pipeline.json
+
+# Cross-distribution: synthetic only -> ELPV test; mono only -> the poly columns of the ELPV test.
+XDIST := synthetic mono
+xdist: $(STAMP)
+	for name in $(XDIST); do \
+	  $(BIN)/linejudge train --config training/configs/xdist-$$name.yaml --out runs/xdist-$$name && \
+	  $(BIN)/linejudge eval --model runs/xdist-$$name --split test --json runs/xdist-$$name/eval_test.json && \
+	  mkdir -p reports/xdist/$$name && cp runs/xdist-$$name/eval_test* reports/xdist/$$name/ || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) runs state
