@@ -8,6 +8,7 @@ import select
 import socket
 import struct
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -190,7 +191,8 @@ class FakeTime:
 
 # ---------------------------------------------------------------- fixtures
 
-def make_bundle(root: Path, private_key: Path, version: int, size: int = 60_000) -> Path:
+def make_bundle(root: Path, private_key: Path, version: int, size: int = 60_000,
+                created: datetime | None = None) -> Path:
     out = root / f"{LINE}-v{version}"
     (out / "golden").mkdir(parents=True)
     rng = random.Random(version)
@@ -199,7 +201,7 @@ def make_bundle(root: Path, private_key: Path, version: int, size: int = 60_000)
     (out / "catalog.yaml").write_text(f"version: {version}\n")
     (out / "golden" / "expected.json").write_text("[]")
     manifest = lib.build_manifest(out, line=LINE, version=version, expires_days=30, compatible={"input": {}},
-                                  preprocessing={}, thresholds={}, ood={}, lineage={}, metrics={})
+                                  preprocessing={}, thresholds={}, ood={}, lineage={}, metrics={}, now=created)
     lib.write_manifest(out, manifest)
     lib.sign_bundle(out, private_key)
     return out
@@ -505,6 +507,20 @@ def test_downgrade_is_refused(world):
     assert result["model"]["installed"] == 3 and swap.calls == []
     assert not (Path(cfg.state_dir) / "downloads").exists()
     assert models_install.active_bundle(cfg.bundles_dir, cfg.bundle) == v3
+
+
+def test_expired_bundle_is_refused_and_the_old_model_keeps_serving(world):
+    stale = make_bundle(world["tmp"] / "stale", world["private"], 2,
+                        created=datetime.now(timezone.utc) - timedelta(days=60))    # expired 30 days ago
+    hq.publish_bundle(world["state"], stale)
+    cfg, store = appliance(world, world["srv"].url)
+    swap = Swap()
+    result = run(world, cfg, store, swap)
+    assert result["model"]["action"] == "rejected" and "expired" in result["model"]["reason"], result
+    assert swap.calls == []
+    assert models_install.active_bundle(cfg.bundles_dir, cfg.bundle) == cfg.bundle
+    assert [m["version"] for m in store.model_states() if m["state"] == "active"] == [1]
+    assert fleet_entry(world)["last_install"]["state"] == "rejected"
 
 
 def test_bundle_download_resumes_with_range(world):
