@@ -68,7 +68,8 @@ def checkpoint_to_bundle(checkpoint: Path, out: Path, opts: ExportOptions) -> di
     model = load_model(student_dir(checkpoint))
     cfg = model.config
     spec = PreprocessSpec(cfg.image_size, max_tokens=cfg.max_tokens)
-    out = Path(out)
+    final = Path(out)
+    out = final.with_name(final.name + ".partial")     # a failed export leaves `final` as it was
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -118,6 +119,9 @@ def checkpoint_to_bundle(checkpoint: Path, out: Path, opts: ExportOptions) -> di
     bundle_lib.write_manifest(out, manifest)
     if opts.key:
         bundle_lib.sign_bundle(out, opts.key, opts.key_id)
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
     steps.update()
     steps.close()
     return manifest

@@ -68,3 +68,14 @@ def test_bundle_eval_matches_the_torch_eval_in_fp32_and_reports_the_int8_drop(ti
     for key in HEADLINE:
         assert graphs[f"int8_drop_points_{key}"] == pytest.approx(100 * (graphs[f"fp32_{key}"] - graphs[key]))
     assert graphs["model_version"] == tiny_bundle[2]["version"]
+
+
+def test_a_failed_export_leaves_the_existing_bundle_alone(tiny_run, tmp_path):
+    from export.build_bundle import ExportGateError, ExportOptions, checkpoint_to_bundle
+    existing = tmp_path / "el-solar-default"
+    existing.mkdir()
+    (existing / "manifest.json").write_text("{}")
+    impossible = ExportOptions(val_limit=24, calibration_frames=16, gate_points=100.0, gate_top1=1.01)
+    with pytest.raises(ExportGateError, match="INT8 fails the gate"):
+        checkpoint_to_bundle(tiny_run[0], existing, impossible)
+    assert [p.name for p in existing.iterdir()] == ["manifest.json"]
