@@ -75,6 +75,17 @@ class ModelRuntime:
         decision = decide(texts, rewards, blank, patches[0], self.thresholds, self.ood)
         return Judgement(decision, texts, rewards, (time.perf_counter() - started) * 1000, self.version)
 
+    @classmethod
+    def for_config(cls, bundle_dir: Path, manifest: dict, cfg) -> "ModelRuntime":
+        """A runtime for a verified bundle with an ApplianceConfig's backend, providers and thresholds."""
+        return cls(bundle_dir, manifest, cfg.backend, cfg.providers, cfg.allow_provider_fallback,
+                   cfg.thresholds, cfg.threads)
+
+    def golden_problem(self) -> str | None:
+        """None when the golden-set check passes, else what failed (for logs, HQ and errors)."""
+        check = self.golden_check()
+        return None if check["ok"] else f"golden-set check failed: {check['failures'][:2]}"
+
     def golden_check(self, tolerance: float = 0.05) -> dict:
         """Re-judge the bundle's golden frames; verdicts must match the recorded ones."""
         import cv2

@@ -132,9 +132,9 @@ class Appliance:
         bundle = models_install.active_bundle(self.cfg.bundles_dir, self.cfg.bundle)
         manifest = models_install.verify(bundle, self.cfg.key_files(), line=self.cfg.line)
         runtime = self._open_runtime(bundle, manifest)
-        check = runtime.golden_check()
-        if not check["ok"]:
-            raise ModelError(f"bundle {bundle} fails its golden-set check: {check['failures'][:2]}")
+        problem = runtime.golden_problem()
+        if problem:
+            raise ModelError(f"bundle {bundle}: {problem}")
         self.store.record_model(runtime.version, "active", f"started from {bundle}")
         metrics.MODEL_VERSION.set(runtime.version)
         log.info("model v%s loaded from %s on %s", runtime.version, bundle, runtime.provider)
@@ -142,8 +142,7 @@ class Appliance:
 
     def _open_runtime(self, bundle: Path, manifest: dict) -> ModelRuntime:
         """A runtime for a verified bundle, with this appliance's backend, providers and thresholds."""
-        return ModelRuntime(bundle, manifest, self.cfg.backend, self.cfg.providers,
-                            self.cfg.allow_provider_fallback, self.cfg.thresholds, self.cfg.threads)
+        return ModelRuntime.for_config(bundle, manifest, self.cfg)
 
     def swap_model(self, runtime: ModelRuntime) -> None:
         """Hot swap: the next frame is judged by the new model; no frame is dropped."""
@@ -160,9 +159,9 @@ class Appliance:
             if self._stop.is_set():
                 raise _Stopping("the appliance is stopping")
             candidate = self._open_runtime(staged, manifest)
-            check = candidate.golden_check()
-            if not check["ok"]:
-                return False, f"golden-set check failed: {check['failures'][:2]}"
+            problem = candidate.golden_problem()
+            if problem:
+                return False, problem
             old, trial = self.runtime, SwapTrial(candidate, self.cfg.commit_after_inspections)
             with self._lock:
                 self._trial = trial

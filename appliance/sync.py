@@ -444,10 +444,8 @@ def golden_check_swap(cfg) -> Swap:
     picks up `current` on its next start."""
     def swap(staged: Path, manifest: dict) -> tuple[bool, str]:
         from appliance.runtime import ModelRuntime
-        runtime = ModelRuntime(staged, manifest, cfg.backend, cfg.providers, cfg.allow_provider_fallback,
-                               cfg.thresholds, cfg.threads)
-        check = runtime.golden_check()
-        return check["ok"], "" if check["ok"] else f"golden-set check failed: {check['failures'][:2]}"
+        problem = ModelRuntime.for_config(staged, manifest, cfg).golden_problem()
+        return problem is None, problem or ""
     return swap
 
 
