@@ -9,14 +9,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: run test browser install train-demo train-full eval-full default-bundle bench xdist clean
+.PHONY: run test browser postgres install train-demo train-full eval-full default-bundle bench xdist clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU build lies on local disk; anything else pulls CUDA wheels.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[edge,train,dev]'
+	$(BIN)/pip install --quiet -e '.[edge,train,hq,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,7 +28,11 @@ run: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium not installed: the browser test will skip"
 
-test: $(STAMP) browser
+# Debian's PostgreSQL server for the HQ tests on PostgreSQL (they skip where none can start).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql) || echo "postgresql not installed: the HQ-on-PostgreSQL tests will skip"
+
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest -q
 
 train-demo: $(STAMP)

@@ -48,29 +48,34 @@ def cmd_sync(args) -> int:
 
 def cmd_hq(args) -> int:
     from training.hq import server
-    if args.action == "serve":
-        import uvicorn
-        token = args.admin_token or os.environ.get("LINEJUDGE_HQ_ADMIN_TOKEN")
-        app = server.create_hq_app(Path(args.state_dir), admin_token=token)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    elif args.action == "add-appliance":
-        token = server.add_appliance(Path(args.state_dir), args.appliance)
-        print(f"token for {args.appliance} (store it in the appliance's hq_token_file): {token}")
-    elif args.action == "publish":
-        print(f"published {server.publish_bundle(Path(args.state_dir), Path(args.bundle))}")
-    else:
-        return _hq_retrain(args)
-    return 0
+    database_url = args.database_url or os.environ.get("LINEJUDGE_HQ_DATABASE_URL") or None
+    state = server.open_state(Path(args.state_dir), database_url)
+    try:
+        if args.action == "serve":
+            import uvicorn
+            token = args.admin_token or os.environ.get("LINEJUDGE_HQ_ADMIN_TOKEN")
+            app = server.create_hq_app(state, admin_token=token)
+            uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        elif args.action == "add-appliance":
+            token = server.add_appliance(state, args.appliance)
+            print(f"token for {args.appliance} (store it in the appliance's hq_token_file): {token}")
+        elif args.action == "publish":
+            print(f"published {server.publish_bundle(state, Path(args.bundle))}")
+        else:
+            return _hq_retrain(args, state)
+        return 0
+    finally:
+        state.close()
 
 
-def _hq_retrain(args) -> int:
+def _hq_retrain(args, state) -> int:
     from training.config import load_config
     from training.hq.retrain import RetrainOptions, retrain
     missing = [flag for flag, value in (("--config", args.config), ("--base", args.base), ("--out", args.out))
                if not value]
     if missing:
         raise LinejudgeError(f"hq retrain needs {', '.join(missing)}: see `linejudge hq --help`")
-    opts = RetrainOptions(hq_state=Path(args.state_dir), base_run=Path(args.base), out=Path(args.out),
+    opts = RetrainOptions(hq_state=state, base_run=Path(args.base), out=Path(args.out),
                           line=args.line, key=Path(args.key) if args.key else None, key_id=args.key_id,
                           gate_points=args.gate_points, fleet_repeat=args.fleet_repeat)
     report = retrain(load_config(args.config), opts)
@@ -208,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("hq", help="HQ: feedback server, appliance tokens, publishing bundles")
     p.add_argument("action", choices=("serve", "add-appliance", "publish", "retrain"))
-    p.add_argument("--state-dir", default="hq-state")
+    p.add_argument("--state-dir", default="hq-state", help="frames, published bundles (and hq.db for SQLite)")
+    p.add_argument("--database-url", help="PostgreSQL for HQ's records, e.g. postgresql://hq@dbhost/linejudge "
+                   "(default: $LINEJUDGE_HQ_DATABASE_URL, else SQLite in the state dir)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--admin-token", help="serve: token for GET /v1/fleet (default: $LINEJUDGE_HQ_ADMIN_TOKEN)")

@@ -208,15 +208,16 @@ def make_bundle(root: Path, private_key: Path, version: int, size: int = 60_000,
 
 
 @pytest.fixture()
-def world(tmp_path):
+def world(tmp_path, hq_store):
     """HQ with an admin token and appliance a1; keys; the appliance's start bundle v1."""
-    state = tmp_path / "hq"
+    state = hq.open_state(tmp_path / "hq", hq_store)
     token = hq.add_appliance(state, "a1")
     private, public = lib.generate_keypair(tmp_path / "keys", "hq")
     v1 = make_bundle(tmp_path / "src", private, 1)
     with hq.BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as srv:
         yield {"state": state, "token": token, "private": private, "public": public, "v1": v1,
                "srv": srv, "tmp": tmp_path}
+    state.close()
 
 
 def appliance(world, url: str, bundle: Path | None = None) -> tuple[ApplianceConfig, Store]:
@@ -264,6 +265,7 @@ class Swap:
 
 # ---------------------------------------------------------------- outbox
 
+@pytest.mark.parametrize("hq_store", ["sqlite", "postgresql"], indirect=True)
 def test_every_outbox_row_reaches_hq_exactly_once_through_a_faulty_network(world):
     publish(world, 2)
     proxy = FaultProxy(world["srv"].port, seed=11, reset=0.3, drop=0.1, cut=0.08, busy=0.05, outage=(40, 75),

@@ -54,9 +54,9 @@ def _least_liked(app: Appliance, frames) -> str:
 
 
 @pytest.fixture()
-def fleet(tiny_run, tiny_bundle, tmp_path):
+def fleet(tiny_run, tiny_bundle, tmp_path, hq_store):
     bundle, public, _ = tiny_bundle
-    state = tmp_path / "hq"
+    state = hq.open_state(tmp_path / "hq", hq_store)
     tokens = {name: hq.add_appliance(state, name) for name in ("a1", "a2")}
     hq.publish_bundle(state, bundle)
     with hq.BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as srv:
@@ -65,8 +65,10 @@ def fleet(tiny_run, tiny_bundle, tmp_path):
                "key_id": public.stem, "run": tiny_run[0], "tmp": tmp_path}
         for app in apps.values():
             app.store.close()
+    state.close()
 
 
+@pytest.mark.parametrize("hq_store", ["sqlite", "postgresql"], indirect=True)
 def test_reviews_train_a_new_bundle_that_every_appliance_installs(fleet):
     a1, a2 = fleet["apps"]["a1"], fleet["apps"]["a2"]
     frames = [read_image(c.path) for c in elpv.cells_for("train", limit=10, seed=5)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -29,17 +31,22 @@ def make_bundle(root: Path, private_key: Path, version: int, line: str = LINE, s
     return out
 
 
-def snapshot(state: Path) -> dict:
-    """Every file under the state dir (the SQLite db by content of its tables) -> digest."""
-    files = {str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(state.rglob("*")) if p.is_file() and not p.name.startswith("hq.db")}
+def snapshot(state: hq.HQState) -> dict:
+    """Every file under the state dir (the database by content of its tables) -> digest."""
+    files = {str(p.relative_to(state.dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(state.dir.rglob("*")) if p.is_file() and not p.name.startswith("hq.db")}
+    with state.db.connect() as db:
+        for table in ("appliances", "batches", "bundles", "installs"):
+            files[table] = db.query(f"SELECT * FROM {table} ORDER BY 1, 2")
     files["feedback"] = [(r["appliance_id"], r["idempotency_key"]) for r in hq.feedback_records(state)]
     return files
 
 
-@pytest.fixture()
-def env(tmp_path):
-    state = tmp_path / "hq"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def env(tmp_path, request):
+    """HQ on loopback with appliances a1, b2 and bundle v2 published; once on SQLite, once on PostgreSQL."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    state = hq.open_state(tmp_path / "hq", url)
     tokens = {"a1": hq.add_appliance(state, "a1"), "b2": hq.add_appliance(state, "b2")}
     private, public = lib.generate_keypair(tmp_path / "keys", "hq")
     bundle = make_bundle(tmp_path / "src", private, 2)
@@ -48,6 +55,7 @@ def env(tmp_path):
             httpx.Client(base_url=srv.url, timeout=10) as client:
         yield {"state": state, "tokens": tokens, "client": client, "srv": srv, "bundle": bundle,
                "published": published, "keys": (private, public), "tmp": tmp_path}
+    state.close()
 
 
 def auth(token: str) -> dict:
@@ -75,11 +83,15 @@ def batch(*keys, kind="preference"):
 # ---------------------------------------------------------------- auth
 
 def test_tokens_are_stored_hashed(env):
-    db = (env["state"] / "hq.db").read_bytes()
+    state = env["state"]
+    with state.db.connect() as db:
+        stored = repr(db.query("SELECT * FROM appliances")).encode()
+    raw = state.db.sqlite_path.read_bytes() if state.db.sqlite_path else stored
     for token in env["tokens"].values():
-        assert token.encode() not in db
-        assert token.split(".", 1)[1].encode() not in db
-        assert hashlib.sha256(token.encode()).hexdigest().encode() in db
+        for where in (stored, raw):
+            assert token.encode() not in where
+            assert token.split(".", 1)[1].encode() not in where
+            assert hashlib.sha256(token.encode()).hexdigest().encode() in where
 
 
 def test_auth_missing_unknown_and_foreign_token(env):
@@ -157,6 +169,26 @@ def test_same_batch_twice_is_stored_once(env):
         ("a1", "k1"), ("a1", "k2"), ("a1", "k3"), ("a1", "k4"), ("b2", "k1")]
     assert rows[0]["payload"] == {"chosen": "a", "rejected": "k1"}
     assert hq.feedback_records(env["state"], kind="review") == []
+
+
+def test_a_batch_sent_by_many_workers_at_once_is_stored_once(env):
+    """Retries racing each other (two sync passes, a proxy replaying): every answer is the same
+    acknowledgement and each record is stored once; on PostgreSQL this needs the per-appliance lock."""
+    h = {**auth(env["tokens"]["a1"]), "Idempotency-Key": "race-1"}
+    body = batch(*(f"r{i}" for i in range(20)))
+    start = threading.Barrier(8)
+
+    def send(_):
+        with httpx.Client(base_url=env["srv"].url, timeout=30) as c:
+            start.wait()
+            return c.post("/v1/appliances/a1/feedback", json=body, headers=h)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))
+    assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
+    assert sorted(r.json()["replayed"] for r in answers) == [False] + [True] * 7
+    assert {tuple(r.json()["accepted"]) for r in answers} == {tuple(f"r{i}" for i in range(20))}
+    assert sorted(r["idempotency_key"] for r in hq.feedback_records(env["state"])) == sorted(f"r{i}" for i in range(20))
 
 
 def test_feedback_validation(env):
@@ -288,8 +320,39 @@ def test_path_tricks_are_refused(env, path):
 
 
 def test_links_out_of_the_bundle_are_not_served(env):
-    (env["published"] / "secret").symlink_to(env["state"] / "hq.db")
-    (env["published"] / "dir").symlink_to(env["state"])
+    (env["published"] / "secret").symlink_to(env["state"].dir / "hq.db")
+    (env["published"] / "dir").symlink_to(env["state"].dir)
     for path in ("secret", "dir/hq.db"):
         status, body = raw_get(env["srv"], f"/v1/lines/{LINE}/bundles/2/{path}", env["tokens"]["a1"])
         assert status == 404 and b"SQLite" not in body
+
+
+# ---------------------------------------------------------------- which database
+
+def test_a_state_dir_remembers_its_database(tmp_path, postgres_url):
+    """A command run without the URL must not quietly start a second, empty SQLite HQ."""
+    state = hq.open_state(tmp_path / "hq", postgres_url)
+    hq.add_appliance(state, "a1")
+    state.close()
+    with pytest.raises(hq.HQError, match="PostgreSQL|postgresql://postgres@") as err:
+        hq.add_appliance(tmp_path / "hq", "a2")
+    assert "--database-url" in str(err.value)
+    assert not (tmp_path / "hq" / "hq.db").exists()
+    again = hq.open_state(tmp_path / "hq", postgres_url)
+    assert [a["appliance_id"] for a in hq.fleet(again)] == ["a1"]
+    again.close()
+
+
+def test_unreachable_database_is_a_clear_error_without_the_password(tmp_path):
+    import socket
+    from training.hq.db import HQDatabaseError
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                  # nothing listens here
+    state = hq.open_state(tmp_path / "hq", f"postgresql://hq:s3cret@127.0.0.1:{port}/fleet")
+    with pytest.raises(HQDatabaseError) as err:
+        hq.add_appliance(state, "a1")
+    assert f"127.0.0.1:{port}" in str(err.value) and "s3cret" not in str(err.value)
+    assert not (tmp_path / "hq" / hq.DB_MARKER).exists()      # not bound to a database it never reached
+    with pytest.raises(HQDatabaseError, match="postgresql://"):
+        hq.open_state(tmp_path / "other", "mysql://root@db/hq")

@@ -40,7 +40,7 @@ class RetrainError(LinejudgeError):
 
 @dataclass(frozen=True)
 class RetrainOptions:
-    hq_state: Path
+    hq_state: "hq.HQState | Path"    # a directory means SQLite in it
     base_run: Path                    # run dir holding multimodal/{model,proxy} and distill/model
     out: Path
     line: str = "el-solar"
@@ -71,7 +71,7 @@ class FleetSet(CandidateSet):
         return [pair["chosen"], pair["rejected"]]
 
 
-def fleet_pairs(hq_state: Path) -> list[dict]:
+def fleet_pairs(hq_state: "hq.HQState | Path") -> list[dict]:
     """Preference records with an uploaded frame, as {key, inspection, chosen, rejected, frame_file}."""
     out = []
     for rec in hq.feedback_records(hq_state, kind="preference"):
@@ -114,11 +114,11 @@ def golden_accuracy(model, enc: Encoder, golden_cells: list[str]) -> float | Non
     return float((r.argmax(1) == truth).mean())
 
 
-def published_golden_cells(hq_state: Path, line: str) -> list[str]:
+def published_golden_cells(hq_state: "hq.HQState | Path", line: str) -> list[str]:
     version = hq.latest_bundle(hq_state, line)
     if version is None:
         return []
-    expected = Path(hq_state) / "bundles" / line / str(version) / "golden" / "expected.json"
+    expected = hq.open_state(hq_state).dir / "bundles" / line / str(version) / "golden" / "expected.json"
     return [row["cell"] for row in json.loads(expected.read_text())] if expected.exists() else []
 
 
@@ -157,7 +157,7 @@ def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
     enc = Encoder(spec)
     pairs = fleet_pairs(opts.hq_state)
     if len({p["inspection"] for p in pairs}) < 2:
-        raise RetrainError(f"HQ at {opts.hq_state} holds reviews of {len({p['inspection'] for p in pairs})} "
+        raise RetrainError(f"HQ at {hq.open_state(opts.hq_state).dir} holds reviews of {len({p['inspection'] for p in pairs})} "
                            "inspection(s) with frames; fleet retraining needs at least 2 (one is held out). "
                            "Let the appliances sync their reviews first.")
     train_pairs, held_pairs = split_by_inspection(pairs, opts.heldout_fraction)

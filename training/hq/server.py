@@ -9,10 +9,11 @@
     GET  /v1/fleet                      per-appliance overview (admin token)
     GET  /healthz                       no auth
 
-State lives under one directory: hq.db (SQLite, WAL), frames/ab/<sha256>, and
-bundles/<line>/<version>/ (published, signed bundles; never modified once published).
-Appliance tokens are random, shown once by add_appliance, and stored only as sha256.
-Every request opens its own SQLite connection; writes take the lock at once (BEGIN IMMEDIATE).
+State lives under one directory: frames/ab/<sha256>, bundles/<line>/<version>/ (published,
+signed bundles; never modified once published) and the records (appliances, feedback, batches,
+bundles, installs) in hq.db (SQLite, WAL) or, for fleet scale, in PostgreSQL given by a
+database URL (training/hq/db.py). Appliance tokens are random, shown once by add_appliance, and
+stored only as sha256. Every write is one transaction that locks what it reads first.
 
 No torch here: this module is imported by the `linejudge hq` commands and by tests.
 """
@@ -26,20 +27,18 @@ import re
 import secrets
 import shutil
 import socket
-import sqlite3
 import threading
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import sqlite_utils
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from appliance.errors import LinejudgeError
 from models import bundle as lib
+from training.hq.db import HQDatabase, redact
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")     # appliance ids and line names
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -49,30 +48,64 @@ MAX_STATUS_BYTES = 64 * 1024
 MAX_BATCH_RECORDS = 500
 MAX_KEY_CHARS = 200
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS appliances (
-    appliance_id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, created TEXT NOT NULL,
-    last_seen TEXT, model_version INTEGER, flag_rate REAL, backlog INTEGER, inspections INTEGER,
-    last_status TEXT, last_install TEXT);
-CREATE TABLE IF NOT EXISTS feedback (
-    id INTEGER PRIMARY KEY, appliance_id TEXT NOT NULL, idempotency_key TEXT NOT NULL,
-    kind TEXT NOT NULL, payload TEXT NOT NULL, batch_key TEXT, received_at TEXT NOT NULL,
-    UNIQUE (appliance_id, idempotency_key));
-CREATE INDEX IF NOT EXISTS feedback_kind ON feedback(kind, id);
-CREATE TABLE IF NOT EXISTS batches (
-    appliance_id TEXT NOT NULL, batch_key TEXT NOT NULL, body_sha256 TEXT NOT NULL,
-    response TEXT NOT NULL, received_at TEXT NOT NULL, PRIMARY KEY (appliance_id, batch_key));
-CREATE TABLE IF NOT EXISTS bundles (
-    line TEXT NOT NULL, version INTEGER NOT NULL, manifest_sha256 TEXT NOT NULL,
-    published_at TEXT NOT NULL, PRIMARY KEY (line, version));
-CREATE TABLE IF NOT EXISTS installs (
-    id INTEGER PRIMARY KEY, appliance_id TEXT NOT NULL, ts TEXT NOT NULL, version INTEGER,
-    state TEXT, reason TEXT);
-"""
+DB_MARKER = "database"            # in the state dir: which database holds its records
+DEFAULT_DB = "sqlite:hq.db"
 
 
 class HQError(LinejudgeError):
     """An HQ operation (publishing, adding an appliance) cannot be done as asked."""
+
+
+# ---------------------------------------------------------------- state: files + database
+
+class HQState:
+    """One HQ: its directory (frames/, bundles/) and the database of its records.
+
+    A bare path means the default, SQLite in <dir>/hq.db. The directory remembers which
+    database it was first used with (file `database`, password left out), so a command run
+    without the URL cannot silently start an empty second set of records.
+    """
+
+    def __init__(self, state_dir: Path, db: HQDatabase, marker: str):
+        self.dir, self.db, self.marker = Path(state_dir), db, marker
+        self._ready = False
+
+    def ensure(self) -> "HQState":
+        """Create the directories and tables once (idempotent); then the directory is bound to
+        this database."""
+        if not self._ready:
+            for sub in ("frames", "bundles"):
+                (self.dir / sub).mkdir(parents=True, exist_ok=True)
+            self.db.create_tables()
+            if not (self.dir / DB_MARKER).exists():
+                (self.dir / DB_MARKER).write_text(self.marker + "\n")
+            self._ready = True
+        return self
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_state(state: "HQState | Path | str", database_url: str | None = None) -> HQState:
+    if isinstance(state, HQState):
+        return state
+    state_dir = Path(state)
+    db = HQDatabase.from_url(database_url) if database_url else HQDatabase.sqlite(state_dir / "hq.db")
+    wanted = redact(database_url) if database_url else DEFAULT_DB
+    marker = state_dir / DB_MARKER
+    recorded = marker.read_text().strip() if marker.is_file() else None
+    if recorded is not None and recorded != wanted:
+        def say(url):
+            return "SQLite (hq.db in the state directory)" if url == DEFAULT_DB else url
+        raise HQError(f"{state_dir} keeps its records in {say(recorded)}, not {say(wanted)}: pass the same "
+                      f"database (--database-url or LINEJUDGE_HQ_DATABASE_URL); if the database really "
+                      f"moved, edit {marker}")
+    return HQState(state_dir, db, wanted)
+
+
+def init_state(state: "HQState | Path | str") -> HQState:
+    """Open the state (SQLite by default) and create its directories and tables (idempotent)."""
+    return open_state(state).ensure()
 
 
 # ---------------------------------------------------------------- storage helpers
@@ -83,46 +116,6 @@ def _now() -> str:
 
 def _sha256(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
-def _open_db(state_dir: Path) -> sqlite_utils.Database:
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(state_dir / "hq.db"), timeout=30, isolation_level=None)
-    db = sqlite_utils.Database(conn)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    return db
-
-
-@contextmanager
-def _db(state_dir: Path):
-    db = _open_db(state_dir)
-    try:
-        yield db
-    finally:
-        db.conn.close()
-
-
-@contextmanager
-def _write(db: sqlite_utils.Database):
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def init_state(state_dir: Path) -> Path:
-    """Create the state directory and database schema (idempotent)."""
-    state_dir = Path(state_dir)
-    with _db(state_dir) as db:
-        db.conn.executescript(SCHEMA)
-    for sub in ("frames", "bundles"):
-        (state_dir / sub).mkdir(exist_ok=True)
-    return state_dir
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -139,14 +132,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def frame_path(state_dir: Path, sha256: str) -> Path:
+def frame_path(state: "HQState | Path", sha256: str) -> Path:
     sha256 = sha256.lower()
-    return Path(state_dir) / "frames" / sha256[:2] / sha256
+    return (state.dir if isinstance(state, HQState) else Path(state)) / "frames" / sha256[:2] / sha256
 
 
 # ---------------------------------------------------------------- CLI-friendly functions
 
-def add_appliance(state_dir: Path, appliance_id: str) -> str:
+def add_appliance(state: HQState | Path, appliance_id: str) -> str:
     """Register an appliance (or rotate its token); returns the token, shown only this once.
 
     The token is "<appliance_id>.<secret>", so the appliance knows its own id from its token
@@ -155,25 +148,24 @@ def add_appliance(state_dir: Path, appliance_id: str) -> str:
     if not NAME_RE.match(appliance_id or ""):
         raise HQError(f"appliance id {appliance_id!r} is not valid: use 1-64 letters, digits, '.', '_' "
                       "or '-', starting with a letter or digit")
-    init_state(state_dir)
+    hq = init_state(state)
     token = f"{appliance_id}.{secrets.token_urlsafe(32)}"
-    with _db(state_dir) as db, _write(db):
+    with hq.db.connect() as db, db.write():
         db.execute("INSERT INTO appliances (appliance_id, token_sha256, created) VALUES (?, ?, ?) "
                    "ON CONFLICT(appliance_id) DO UPDATE SET token_sha256 = excluded.token_sha256",
                    [appliance_id, _sha256(token), _now()])
     return token
 
 
-def appliance_for_token(state_dir: Path, token: str) -> str | None:
-    with _db(state_dir) as db:
-        row = db.execute("SELECT appliance_id FROM appliances WHERE token_sha256 = ?",
-                         [_sha256(token)]).fetchone()
+def appliance_for_token(state: HQState | Path, token: str) -> str | None:
+    with init_state(state).db.connect() as db:
+        row = db.one("SELECT appliance_id FROM appliances WHERE token_sha256 = ?", [_sha256(token)])
     return row[0] if row else None
 
 
-def latest_bundle(state_dir: Path, line: str) -> int | None:
-    with _db(state_dir) as db:
-        row = db.execute("SELECT max(version) FROM bundles WHERE line = ?", [line]).fetchone()
+def latest_bundle(state: HQState | Path, line: str) -> int | None:
+    with init_state(state).db.connect() as db:
+        row = db.one("SELECT max(version) FROM bundles WHERE line = ?", [line])
     return row[0] if row and row[0] is not None else None
 
 
@@ -194,7 +186,7 @@ def _check_bundle_files(bundle_dir: Path, manifest: dict) -> None:
             raise HQError(f"{source} does not match its manifest entry (size or sha256); re-export the bundle")
 
 
-def publish_bundle(state_dir: Path, bundle_dir: Path, key_files: list[Path] | None = None) -> Path:
+def publish_bundle(state: HQState | Path, bundle_dir: Path, key_files: list[Path] | None = None) -> Path:
     """Copy a signed bundle to state_dir/bundles/<line>/<version>/ and make it the line's latest.
 
     Only manifest.json, manifest.sig and the files the manifest lists are copied. Versions per
@@ -204,7 +196,7 @@ def publish_bundle(state_dir: Path, bundle_dir: Path, key_files: list[Path] | No
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise HQError(f"{bundle_dir} is not a bundle directory; pass the directory 'linejudge export' wrote")
-    state_dir = init_state(state_dir)
+    hq = init_state(state)
     for name in lib.RESERVED:
         if not (bundle_dir / name).is_file():
             raise HQError(f"{bundle_dir} has no {name}: sign the bundle before publishing "
@@ -225,11 +217,11 @@ def publish_bundle(state_dir: Path, bundle_dir: Path, key_files: list[Path] | No
         except lib.BundleError as exc:
             raise HQError(f"not publishing {bundle_dir}: {exc}") from None
     _check_bundle_files(bundle_dir, manifest)
-    latest = latest_bundle(state_dir, line)
+    latest = latest_bundle(hq, line)
     if latest is not None and version <= latest:
         raise HQError(f"line {line} already has version {latest}; bundle versions must increase, "
                       f"export this one as version {latest + 1} or higher")
-    line_dir = state_dir / "bundles" / line
+    line_dir = hq.dir / "bundles" / line
     line_dir.mkdir(parents=True, exist_ok=True)
     dest = line_dir / str(version)
     if dest.exists():
@@ -245,32 +237,33 @@ def publish_bundle(state_dir: Path, bundle_dir: Path, key_files: list[Path] | No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    with _db(state_dir) as db, _write(db):
+    with hq.db.connect() as db, db.write():
         db.execute("INSERT INTO bundles (line, version, manifest_sha256, published_at) VALUES (?, ?, ?, ?)",
                    [line, version, _sha256(raw), _now()])
     return dest
 
 
-def feedback_records(state_dir: Path, kind: str | None = None, since_id: int = 0) -> list[dict]:
+def feedback_records(state: HQState | Path, kind: str | None = None, since_id: int = 0) -> list[dict]:
     """Stored feedback for retraining, oldest first: id, appliance_id, idempotency_key, kind,
     payload (dict), received_at and frame_file (the uploaded frame's path, or None)."""
-    if not (Path(state_dir) / "hq.db").exists():
-        return []
+    if not isinstance(state, HQState) and not (Path(state) / "hq.db").exists() \
+            and not (Path(state) / DB_MARKER).exists():
+        return []                           # nothing there yet; do not create an HQ by reading
+    hq = init_state(state)
     sql = "SELECT * FROM feedback WHERE id > ?" + (" AND kind = ?" if kind else "") + " ORDER BY id"
-    with _db(state_dir) as db:
-        init = db.execute("SELECT name FROM sqlite_master WHERE name = 'feedback'").fetchone()
-        rows = list(db.query(sql, [since_id, kind] if kind else [since_id])) if init else []
+    with hq.db.connect() as db:
+        rows = db.query(sql, [since_id, kind] if kind else [since_id])
     out = []
     for row in rows:
         payload = json.loads(row["payload"])
         sha = payload.get("frame_sha256") if isinstance(payload, dict) else None
-        frame = frame_path(state_dir, sha) if isinstance(sha, str) and SHA256_RE.match(sha) else None
+        frame = frame_path(hq, sha) if isinstance(sha, str) and SHA256_RE.match(sha) else None
         out.append({**row, "payload": payload, "frame_file": str(frame) if frame and frame.is_file() else None})
     return out
 
 
-def fleet(state_dir: Path) -> list[dict]:
-    with _db(state_dir) as db:
+def fleet(state: HQState | Path) -> list[dict]:
+    with init_state(state).db.connect() as db:
         rows = list(db.query("SELECT appliance_id, created, last_seen, model_version, flag_rate, backlog, "
                              "inspections, last_install FROM appliances ORDER BY appliance_id"))
     for row in rows:
@@ -335,11 +328,11 @@ def _validate_record(record) -> str | None:
     return None
 
 
-def _store_feedback(state_dir: Path, appliance_id: str, batch_key: str, body: bytes, records: list) -> dict:
+def _store_feedback(hq: HQState, appliance_id: str, batch_key: str, body: bytes, records: list) -> dict:
     digest = _sha256(body)
-    with _db(state_dir) as db, _write(db):
-        seen = db.execute("SELECT body_sha256, response FROM batches WHERE appliance_id = ? AND batch_key = ?",
-                          [appliance_id, batch_key]).fetchone()
+    with hq.db.connect() as db, db.write(lock=f"feedback:{appliance_id}"):
+        seen = db.one("SELECT body_sha256, response FROM batches WHERE appliance_id = ? AND batch_key = ?",
+                      [appliance_id, batch_key])
         if seen:
             if seen[0] != digest:
                 _bad(409, f"Idempotency-Key {batch_key!r} was used before for a different batch; "
@@ -353,8 +346,8 @@ def _store_feedback(state_dir: Path, appliance_id: str, batch_key: str, body: by
                 key = record.get("idempotency_key") if isinstance(record, dict) else None
                 rejected.append({"idempotency_key": key if isinstance(key, str) else None, "reason": why})
                 continue
-            cur = db.execute("INSERT OR IGNORE INTO feedback (appliance_id, idempotency_key, kind, payload, "
-                             "batch_key, received_at) VALUES (?, ?, ?, ?, ?, ?)",
+            cur = db.execute("INSERT INTO feedback (appliance_id, idempotency_key, kind, payload, "
+                             "batch_key, received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                              [appliance_id, record["idempotency_key"], record["kind"],
                               json.dumps(record["payload"], sort_keys=True), batch_key, now])
             accepted.append(record["idempotency_key"])
@@ -375,7 +368,7 @@ def _as(value, kinds, what):
     _bad(400, f"status field {what} has the wrong type")
 
 
-def _store_status(state_dir: Path, appliance_id: str, status: dict) -> None:
+def _store_status(hq: HQState, appliance_id: str, status: dict) -> None:
     model_version = _as(status.get("model_version"), int, "model_version")
     flag_rate = _as(status.get("flag_rate"), (int, float), "flag_rate")
     backlog = _as(status.get("backlog"), int, "backlog")
@@ -384,7 +377,7 @@ def _store_status(state_dir: Path, appliance_id: str, status: dict) -> None:
     if install is not None and not isinstance(install, dict):
         _bad(400, "status field install must be an object")
     now = _now()
-    with _db(state_dir) as db, _write(db):
+    with hq.db.connect() as db, db.write():
         db.execute("UPDATE appliances SET last_seen = ?, model_version = coalesce(?, model_version), "
                    "flag_rate = coalesce(?, flag_rate), backlog = coalesce(?, backlog), "
                    "inspections = coalesce(?, inspections), last_status = ?, "
@@ -400,14 +393,16 @@ def _store_status(state_dir: Path, appliance_id: str, status: dict) -> None:
 
 # ---------------------------------------------------------------- the app
 
-def create_hq_app(state_dir: Path, admin_token: str | None = None) -> FastAPI:
-    """The HQ API over state_dir. GET /v1/fleet needs admin_token (disabled when None)."""
-    state_dir = init_state(Path(state_dir))
+def create_hq_app(state: HQState | Path, admin_token: str | None = None) -> FastAPI:
+    """The HQ API over a state (a directory means SQLite in it). GET /v1/fleet needs admin_token
+    (disabled when None)."""
+    hq = init_state(state)
+    state_dir = hq.dir
     app = FastAPI(title="linejudge HQ", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.state_dir = state_dir
+    app.state.hq = hq
 
     def authenticate(request: Request) -> str:
-        appliance = appliance_for_token(state_dir, _bearer(request))
+        appliance = appliance_for_token(hq, _bearer(request))
         if appliance is None:
             _bad(401, "unknown token: register the appliance with 'linejudge hq add-appliance' and "
                       "put the token in its hq_token_file", {"WWW-Authenticate": "Bearer"})
@@ -447,7 +442,7 @@ def create_hq_app(state_dir: Path, admin_token: str | None = None) -> FastAPI:
             _bad(400, 'body must be {"records": [{"idempotency_key", "kind", "payload"}, ...]}')
         if len(records) > MAX_BATCH_RECORDS:
             _bad(413, f"{len(records)} records in one batch; send at most {MAX_BATCH_RECORDS}")
-        return await run_in_threadpool(_store_feedback, state_dir, appliance_id, batch_key, body, records)
+        return await run_in_threadpool(_store_feedback, hq, appliance_id, batch_key, body, records)
 
     def _frame_target(sha256: str) -> Path:
         if not SHA256_RE.match(sha256):
@@ -476,7 +471,7 @@ def create_hq_app(state_dir: Path, admin_token: str | None = None) -> FastAPI:
     def manifest(line: str, request: Request):
         authenticate(request)
         check_line(line)
-        version = latest_bundle(state_dir, line)
+        version = latest_bundle(hq, line)
         path = state_dir / "bundles" / line / str(version) / lib.MANIFEST
         if version is None or not path.is_file():
             _bad(404, f"no bundle published for line {line!r}")
@@ -508,18 +503,18 @@ def create_hq_app(state_dir: Path, admin_token: str | None = None) -> FastAPI:
         _, data = await _read_json(request, MAX_STATUS_BYTES)
         if not isinstance(data, dict):
             _bad(400, "status must be a JSON object")
-        await run_in_threadpool(_store_status, state_dir, appliance_id, data)
+        await run_in_threadpool(_store_status, hq, appliance_id, data)
         return {"ok": True, "server_time": _now()}
 
     @app.get("/v1/fleet")
     def fleet_view(request: Request):
         token = _bearer(request)
         if admin_token and hmac.compare_digest(token.encode(), admin_token.encode()):
-            with _db(state_dir) as db:
+            with hq.db.connect() as db:
                 lines = {r["line"]: r["version"] for r in
                          db.query("SELECT line, max(version) AS version FROM bundles GROUP BY line")}
-            return {"appliances": fleet(state_dir), "latest_bundles": lines}
-        if appliance_for_token(state_dir, token) is not None:
+            return {"appliances": fleet(hq), "latest_bundles": lines}
+        if appliance_for_token(hq, token) is not None:
             _bad(403, "the fleet view needs the HQ admin token, not an appliance token")
         if not admin_token:
             _bad(403, "the fleet view is disabled: start HQ with an admin token (--admin-token)")
