@@ -39,30 +39,57 @@ class FrameSource(Protocol):
     def close(self) -> None: ...
 
 
+class EncodedFrame(np.ndarray):
+    """A frame that arrived already losslessly encoded (a replayed PNG file): `png` holds those
+    bytes, so saving the frame needs no second encode. Read-only, since a replay shares it."""
+    png: bytes | None = None
+
+
+def _decode_file(path: Path) -> np.ndarray | None:
+    data = path.read_bytes()
+    frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if frame is None or not frame.size:
+        return None
+    if path.suffix.lower() == ".png":
+        frame = frame.view(EncodedFrame)
+        frame.png = data
+    frame.flags.writeable = False
+    return frame
+
+
 class FolderReplay:
-    """Replays the images of a folder in sorted order, from the start again when loop=True."""
+    """Replays the images of a folder in sorted order, from the start again when loop=True.
+
+    Like a camera, it hands over decoded frames: each file is decoded once and kept in memory
+    while the replay fits in `cache_mb` (the ELPV test split: 654 cells, about 75 MB), so a
+    looping demo spends its CPU on inspecting, not on decoding the same PNGs again."""
     live = False
 
-    def __init__(self, folder: str | Path, loop: bool = True):
+    def __init__(self, folder: str | Path, loop: bool = True, cache_mb: float = 256):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CaptureError(f"replay folder {self.folder} does not exist; give a folder of png/jpg frames")
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
+        files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
             raise CaptureError(f"no png/jpg images in {self.folder}; put some frames there")
-        self.loop, self.name = loop, f"folder:{self.folder}"
-        self.position, self.current = 0, None
+        self._setup(files, f"folder:{self.folder}", loop, cache_mb)
 
     @classmethod
-    def from_files(cls, files: list[Path], name: str, loop: bool = True) -> "FolderReplay":
+    def from_files(cls, files: list[Path], name: str, loop: bool = True, cache_mb: float = 256) -> "FolderReplay":
         """Replay an explicit list of image files (e.g. one split of a data set)."""
         files = [Path(f) for f in files if Path(f).is_file()]
         if not files:
             raise CaptureError(f"replay {name}: none of its image files exist")
         replay = cls.__new__(cls)
-        replay.folder, replay.files, replay.loop, replay.name = files[0].parent, files, loop, name
-        replay.position, replay.current = 0, None
+        replay.folder = files[0].parent
+        replay._setup(files, name, loop, cache_mb)
         return replay
+
+    def _setup(self, files: list[Path], name: str, loop: bool, cache_mb: float) -> None:
+        self.files, self.name, self.loop = files, name, loop
+        self.position, self.current = 0, None
+        self._cache: dict[Path, np.ndarray] = {}
+        self._cache_left = int(cache_mb * 1024 * 1024)
 
     def read(self) -> np.ndarray | None:
         """The next readable image (unreadable files are skipped); None once done if loop=False."""
@@ -73,15 +100,24 @@ class FolderReplay:
                 self.position = 0
             path = self.files[self.position]
             self.position += 1
-            frame = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if frame is not None and frame.size:
+            frame = self._cache.get(path)
+            if frame is None:
+                frame = _decode_file(path)
+                self._remember(path, frame)
+            if frame is not None:
                 self.current = path
                 return frame
             log.warning("replay: skipping unreadable image %s", path)
         return None
 
+    def _remember(self, path: Path, frame: np.ndarray | None) -> None:
+        size = 0 if frame is None else frame.nbytes + len(getattr(frame, "png", None) or b"")
+        if frame is not None and size <= self._cache_left:
+            self._cache[path] = frame
+            self._cache_left -= size
+
     def close(self) -> None:
-        pass
+        self._cache.clear()
 
 
 def capture_target(spec: str | int) -> tuple[str | int, int]:

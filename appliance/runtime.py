@@ -17,6 +17,7 @@ from appliance.scoring import open_backend
 
 
 FREE_TEXT_CACHE = 1024
+BLANK_REWARDS_CACHE = 256     # candidate lists whose blank-frame rewards are kept
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ModelRuntime:
             raise ModelError(f"bundle {self.bundle_dir}: catalog_embeddings.npy does not match catalog.yaml")
         self.blank_patches = self.backend.image_features(blank_input(self.spec))
         self._free_text: dict[str, np.ndarray] = {}   # free-text features, bounded cache
+        self._blank_rewards: dict[tuple[str, ...], np.ndarray] = {}
 
     @property
     def provider(self) -> str:
@@ -71,9 +73,20 @@ class ModelRuntime:
         features = self.text_features(texts)
         patches = self.backend.image_features(frame_to_input(frame, self.spec))
         rewards = self.backend.rewards(patches, features)[0]
-        blank = self.backend.rewards(self.blank_patches, features)[0]
+        blank = self._blank_rewards_for(texts, features)
         decision = decide(texts, rewards, blank, patches[0], self.thresholds, self.ood)
         return Judgement(decision, texts, rewards, (time.perf_counter() - started) * 1000, self.version)
+
+    def _blank_rewards_for(self, texts: list[str], features: np.ndarray) -> np.ndarray:
+        """The rewards of these candidates on a blank frame (the image-reliance check): the same
+        for every frame with this candidate list, so scored once, not once per frame."""
+        key = tuple(texts)
+        blank = self._blank_rewards.get(key)
+        if blank is None:
+            if len(self._blank_rewards) >= BLANK_REWARDS_CACHE:
+                self._blank_rewards.clear()
+            blank = self._blank_rewards[key] = self.backend.rewards(self.blank_patches, features)[0]
+        return blank
 
     @classmethod
     def for_config(cls, bundle_dir: Path, manifest: dict, cfg) -> "ModelRuntime":

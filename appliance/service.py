@@ -219,7 +219,9 @@ class Appliance:
                 trial: SwapTrial | None, source: str = "camera") -> int:
         """The I/O half: save the frame, commit the row; returns the committed id."""
         d = judgement.decision
-        png = cv2.imencode(".png", frame)[1].tobytes() if self.cfg.save_frames else None
+        png = None
+        if self.cfg.save_frames:     # a replayed PNG keeps its file's bytes: no second encode
+            png = getattr(frame, "png", None) or cv2.imencode(".png", frame)[1].tobytes()
         inspection_id = self.store.log_inspection(
             line=self.cfg.line, station=f"{self.cfg.station}:{source}", model_version=judgement.model_version,
             verdict=d.verdict, best_score=d.best_score, p_best=d.p_best, flagged=d.flagged,

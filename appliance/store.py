@@ -67,6 +67,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite_utils.Database], None] | str]] = [
            CREATE INDEX reviews_inspection ON reviews(inspection_id)"""),
 ]
 
+INSERT_SCORE = "INSERT INTO scores (inspection_id, candidate, text, score, rank) VALUES (?, ?, ?, ?, ?)"
+
 FRAME_REFS_SQL = """SELECT frame_path, max(ts) AS last_ts,
   max(EXISTS (SELECT 1 FROM outbox o WHERE o.inspection_id = i.id AND o.sent_at IS NULL)) AS keep,
   max(flagged = 1 AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id)) AS awaiting_review
@@ -286,9 +288,11 @@ class Store:
         def insert(db):
             if row["frame_path"] and not (self.frames_dir / row["frame_path"]).exists():
                 row["frame_path"] = self._save_frame(sha, frame_png)     # pruned meanwhile
-            with _immediate(db):
-                iid = db["inspections"].insert(row).last_pk
-                db["scores"].insert_all([{**s, "inspection_id": iid} for s in scores])
+            with _immediate(db):      # plain SQL on the hot path: half the CPU of Table.insert_all
+                iid = db.execute(f"INSERT INTO inspections ({', '.join(row)}) "
+                                 f"VALUES ({', '.join('?' * len(row))})", list(row.values())).lastrowid
+                db.conn.executemany(INSERT_SCORE, [(iid, s["candidate"], s["text"], s["score"], s["rank"])
+                                                   for s in scores])
             return iid
         return self._write(insert)
 

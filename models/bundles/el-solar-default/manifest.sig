@@ -1,4 +1,4 @@
 {
   "key_id": "hq",
-  "signature": "yos1J1sbn0pVLgBmqtWOQArjgIFbiz47MD+fzFvOKD6qx5e9sJ01tCjd6WQvu3JeHn0J9hpqjPlZf+YYsltIAw=="
+  "signature": "+qynXyLITz5wR6fHIWWFRzRRXO5O7l0mfHR5gTt/2I0f8u+rJYoOWkrKFiC7rywYeuUiVofoeDr6dTW+p0CBCA=="
 }
