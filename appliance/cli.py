@@ -135,7 +135,7 @@ def cmd_bundle(args) -> int:
 def cmd_bench(args) -> int:
     if args.pipeline:
         from appliance.bench_pipeline import run_pipeline_bench
-        summary = run_pipeline_bench(args.bundle, args.json, seconds=args.seconds)
+        summary = run_pipeline_bench(args.bundle, args.json, seconds=args.seconds, repeats=args.repeats)
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=2))
         return 0
     from export.bench import run_bench
@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle (ONNX variants)")
     p.add_argument("--frames", type=int, default=30, help="timed frames per setting")
     p.add_argument("--pipeline", action="store_true", help="whole appliance pipeline from a replay source")
-    p.add_argument("--seconds", type=float, default=20.0, help="--pipeline: how long to run")
+    p.add_argument("--seconds", type=float, default=20.0, help="--pipeline: how long each run lasts")
+    p.add_argument("--repeats", type=int, default=3, help="--pipeline: runs; the medians are reported")
     p.set_defaults(func=cmd_bench)
     return parser
 

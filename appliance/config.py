@@ -26,7 +26,7 @@ class ApplianceConfig:
     backend: str = "onnxruntime"            # or "tensorrt"
     providers: tuple[str, ...] = ("cpu",)   # e.g. ["tensorrt", "cuda", "cpu"]
     allow_provider_fallback: bool = False
-    threads: int | None = None
+    threads: int | None = None              # encoder threads; None = all cores but one (see scoring_threads)
     thresholds: dict = field(default_factory=dict)   # overrides of the manifest's defaults
     host: str = "127.0.0.1"
     port: int = 7860
