@@ -89,7 +89,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _claim_run_dir(cfg: TrainConfig, out: Path) -> None:
+def claim_run_dir(cfg: TrainConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = out / "config.json"
     if record.exists():
@@ -116,7 +116,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
     distributed.init()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    _claim_run_dir(cfg, out)
+    claim_run_dir(cfg, out)
     seed_everything(cfg.seed)
     spec = preprocess_spec(cfg)
     enc = Encoder(spec)

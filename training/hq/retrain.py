@@ -31,7 +31,7 @@ from training.data import elpv
 from training.data.batches import CandidateSet, el_catalog, entry_index
 from training.hq import server as hq
 from training.stages import Encoder, pairwise_accuracy, run_stage
-from training.train import _claim_run_dir, build_data, check_no_test_cells, preprocess_spec, seed_everything
+from training.train import claim_run_dir, build_data, check_no_test_cells, preprocess_spec, seed_everything
 
 
 class RetrainError(LinejudgeError):
@@ -151,7 +151,7 @@ def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
     proxy = load_model(base / "multimodal" / "proxy", expect=teacher.config)
     student = load_model(base / "distill" / "model")
     cfg = replace(cfg, teacher=teacher.config, student=student.config)   # the models come from the base run
-    _claim_run_dir(cfg, out)
+    claim_run_dir(cfg, out)
     seed_everything(cfg.seed)
     spec = preprocess_spec(cfg)
     enc = Encoder(spec)
