@@ -356,3 +356,28 @@ def test_unreachable_database_is_a_clear_error_without_the_password(tmp_path):
     assert not (tmp_path / "hq" / hq.DB_MARKER).exists()      # not bound to a database it never reached
     with pytest.raises(HQDatabaseError, match="postgresql://"):
         hq.open_state(tmp_path / "other", "mysql://root@db/hq")
+
+
+def test_hq_commands_take_the_database_from_the_environment(tmp_path, postgres_url):
+    """What systemd/hq.service does: the URL (with its password) comes from the environment."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[2]
+
+    def cli(*args, url=None):
+        env = {k: v for k, v in os.environ.items() if k != "LINEJUDGE_HQ_DATABASE_URL"}
+        if url:
+            env["LINEJUDGE_HQ_DATABASE_URL"] = url
+        return subprocess.run([sys.executable, "-m", "linejudge_cli", "hq", "add-appliance",
+                               "--state-dir", str(tmp_path / "hq"), *args], capture_output=True, text=True,
+                              timeout=120, cwd=root, env=env)
+
+    added = cli("--appliance", "cam1", url=postgres_url)
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip().rsplit(" ", 1)[-1]
+    state = hq.open_state(tmp_path / "hq", postgres_url)
+    assert hq.appliance_for_token(state, token) == "cam1"
+    state.close()
+    forgot = cli("--appliance", "cam2")
+    assert forgot.returncode == 2 and "LINEJUDGE_HQ_DATABASE_URL" in forgot.stderr
+    assert "Traceback" not in forgot.stderr
