@@ -14,7 +14,7 @@ import torch
 from appliance.errors import ConfigError
 from appliance.preprocess import PreprocessSpec
 from models.reward_model import RewardModel, load_model
-from training.data import elpv
+from training.data import elpv, synthetic
 from training.data.batches import el_catalog, elpv_set, synthetic_set
 from training.stages import Encoder, rewards
 
@@ -165,6 +165,7 @@ def evaluate(model_dir: Path, split: str, limit: int | None = None, seed: int = 
         "image_swap_accuracy": float(pair_correct(score_sets(model, enc, syn, seed, swap=True)).mean()),
         "blank_frame_accuracy": float(pair_correct(score_sets(model, enc, syn, seed, blank=True)).mean()),
     })
+    metrics.update(synthetic_by_fact(syn, syn_pairs))
     metrics.update(_heldout(model, enc, syn, data, seed))
     probs, labels = oriented_pairs(np.concatenate([syn_r, el_ordered[:, :4]]), rng)
     metrics["ece"], reliability = ece(probs, labels)
@@ -179,6 +180,14 @@ def evaluate(model_dir: Path, split: str, limit: int | None = None, seed: int = 
         metrics["teacher_parameters"] = teacher.parameter_count()
         metrics["student_vs_teacher_pairwise"] = metrics["pairwise_accuracy"] / max(metrics["teacher_pairwise_accuracy"], 1e-9)
     return metrics, {"reliability": reliability}
+
+
+def synthetic_by_fact(syn, correct: np.ndarray) -> dict:
+    """Synthetic pairwise accuracy split by the fact the hard negative changed: which facts the
+    model reads from the frame and which it misses."""
+    kinds = np.array([[synthetic.changed_fact(f, n) for n in negs] for f, negs in zip(syn.facts, syn.negatives)])
+    return {f"synthetic_pairwise_accuracy_{kind}": float(correct[kinds == kind].mean())
+            for kind in synthetic.FACT_KINDS if (kinds == kind).any()}
 
 
 def _heldout(model, enc, syn, data, seed) -> dict:

@@ -67,8 +67,10 @@ def _reliance_png(metrics, path):
     keys = [("pairwise (true frame)", "synthetic_pairwise_accuracy"), ("frames swapped", "image_swap_accuracy"),
             ("blank frame", "blank_frame_accuracy"), ("text-only proxy", "text_only_proxy_accuracy"),
             ("held-out phrasing", "heldout_phrasing_accuracy")]
+    keys += [(f"{kind} changed", f"synthetic_pairwise_accuracy_{kind}")
+             for kind in ("presence", "type", "location", "severity")]
     keys = [(n, k) for n, k in keys if k in metrics]
-    fig, ax = plt.subplots(figsize=(5.4, 2.8))
+    fig, ax = plt.subplots(figsize=(8.4, 3.0))
     ax.bar([n for n, _ in keys], [metrics[k] for _, k in keys], color="C2")
     ax.axhline(0.5, color="gray", ls="--", lw=1)
     ax.set_ylim(0, 1)

@@ -133,3 +133,11 @@ def test_description_names_every_fact():
     for heldout in (False, True):
         text = syn.describe(facts, rng, heldout=heldout)
         assert "burn" in text and "middle left" in text and "severe" in text
+
+
+def test_changed_fact_names_the_one_fact_a_hard_negative_changes():
+    truth = DefectFacts("crack", "upper left", "severe")
+    rng = np.random.default_rng(3)
+    kinds = {syn.changed_fact(truth, n) for n in syn.hard_negatives(truth, rng, k=4)}
+    assert kinds == {"presence", "type", "location", "severity"}         # k=4 takes each kind once
+    assert syn.changed_fact(NO_DEFECT, truth) == "presence"

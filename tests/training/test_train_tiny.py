@@ -60,3 +60,5 @@ def test_eval_writes_json_with_flat_keys_and_report(tiny_run, tmp_path):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert (tmp_path / "m.html").exists()
     assert (tmp_path / "m_confusion_levels.png").stat().st_size > 1000
+    by_fact = {k: v for k, v in metrics.items() if k.startswith("synthetic_pairwise_accuracy_")}
+    assert "synthetic_pairwise_accuracy_presence" in by_fact and all(0 <= v <= 1 for v in by_fact.values())

@@ -240,6 +240,18 @@ def one_fact_changes(facts: DefectFacts) -> list[list[DefectFacts]]:
             [NO_DEFECT]]
 
 
+FACT_KINDS = ("presence", "type", "location", "severity")
+
+
+def changed_fact(truth: DefectFacts, negative: DefectFacts) -> str:
+    """Which one fact a hard negative changed: presence, type, location or severity."""
+    if (truth.defect is None) != (negative.defect is None):
+        return "presence"
+    if truth.defect != negative.defect:
+        return "type"
+    return "location" if truth.location != negative.location else "severity"
+
+
 def hard_negatives(facts: DefectFacts, rng: np.random.Generator, k: int = 3) -> list[DefectFacts]:
     """k distinct facts, each differing from `facts` in exactly one fact; the changed facts
     are taken in turn (type, location, severity, presence in random order) so k <= 4 never
