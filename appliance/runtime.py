@@ -25,7 +25,8 @@ def scoring_threads(configured: int | None) -> int:
     """The configured thread count, else all cores but one: capture, storage, the UI and sync
     need a core too. On 2 cores (pipeline bench, 12 s runs): 549-571 frames/s with one scoring
     thread, 526-541 with two."""
-    return configured or max(1, (os.cpu_count() or 2) - 1)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return configured or max(1, usable - 1)       # affinity: a CPUAffinity= or cpuset limits it
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,8 @@ def postgres_server():
                        check=True, capture_output=True, timeout=90)
     except (subprocess.SubprocessError, OSError) as exc:
         detail = log.read_text()[-500:] if log.exists() else getattr(exc, "stderr", b"") or b""
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)       # in case it started after all
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"could not start a PostgreSQL server: {exc} {detail!r}")
     try:

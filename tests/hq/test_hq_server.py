@@ -200,9 +200,10 @@ def test_feedback_validation(env):
     assert c.post(url, json={"rows": []}, headers=h).status_code == 400
     body = {"records": [{"idempotency_key": "ok", "kind": "review", "payload": {}},
                         {"idempotency_key": "", "kind": "review", "payload": {}},
-                        {"idempotency_key": "bad-payload", "kind": "review", "payload": [1]}, "junk"]}
+                        {"idempotency_key": "bad-payload", "kind": "review", "payload": [1]},
+                        {"idempotency_key": "nul\x00key", "kind": "review", "payload": {}}, "junk"]}
     r = c.post(url, json=body, headers=h).json()
-    assert r["accepted"] == ["ok"] and len(r["rejected"]) == 3
+    assert r["accepted"] == ["ok"] and len(r["rejected"]) == 4        # PostgreSQL text cannot hold NUL
     assert [x["idempotency_key"] for x in hq.feedback_records(env["state"], kind="review")] == ["ok"]
     too_many = batch(*[f"k{i}" for i in range(hq.MAX_BATCH_RECORDS + 1)])
     assert c.post(url, json=too_many, headers={**h, "Idempotency-Key": "big"}).status_code == 413
@@ -356,6 +357,50 @@ def test_unreachable_database_is_a_clear_error_without_the_password(tmp_path):
     assert not (tmp_path / "hq" / hq.DB_MARKER).exists()      # not bound to a database it never reached
     with pytest.raises(HQDatabaseError, match="postgresql://"):
         hq.open_state(tmp_path / "other", "mysql://root@db/hq")
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://hq:s3cret@127.0.0.1:1/fleet",
+    "postgresql://hq@127.0.0.1:1/fleet?password=s3cret&sslmode=disable",
+    "postgresql://hq:s3%zzcret@127.0.0.1:1/fleet",
+    "postgresql://hq:s3cret@db:54x2/fleet",
+    "host=db password=s3cret",
+])
+def test_the_password_never_reaches_a_message_or_the_marker(tmp_path, url):
+    from training.hq.db import HQDatabaseError, redact
+    assert "s3cret" not in redact(url)
+    with pytest.raises(HQDatabaseError) as err:
+        hq.add_appliance(hq.open_state(tmp_path / "hq", url), "a1")
+    assert "s3cret" not in str(err.value) and "Traceback" not in str(err.value)
+    assert not (tmp_path / "hq" / hq.DB_MARKER).exists()
+
+
+def test_an_existing_sqlite_hq_is_not_switched_to_an_empty_database(tmp_path, postgres_url):
+    hq.add_appliance(tmp_path / "hq", "a1")
+    (tmp_path / "hq" / hq.DB_MARKER).unlink()        # as made before the marker existed
+    with pytest.raises(hq.HQError, match="SQLite"):
+        hq.open_state(tmp_path / "hq", postgres_url)
+
+
+def test_a_user_without_create_rights_gets_told_what_to_grant(tmp_path, postgres_url):
+    import secrets
+    import psycopg
+    from training.hq.db import HQDatabaseError
+    role = f"nocreate_{secrets.token_hex(4)}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+    limited = postgres_url.replace("postgresql://postgres@", f"postgresql://{role}@")
+    with pytest.raises(HQDatabaseError, match="GRANT CREATE"):
+        hq.add_appliance(hq.open_state(tmp_path / "hq", limited), "a1")
+
+
+def test_big_counters_fit_on_both_stores(env):
+    c, h = env["client"], auth(env["tokens"]["a1"])
+    status = {"inspections": 2 ** 40, "backlog": 2 ** 33, "flag_rate": 0.123456789012}
+    assert c.post("/v1/appliances/a1/status", json=status, headers=h).status_code == 200
+    row = next(a for a in hq.fleet(env["state"]) if a["appliance_id"] == "a1")
+    assert row["inspections"] == 2 ** 40 and row["backlog"] == 2 ** 33
+    assert row["flag_rate"] == pytest.approx(0.123456789012, abs=1e-12)
 
 
 def test_hq_commands_take_the_database_from_the_environment(tmp_path, postgres_url):

@@ -94,6 +94,8 @@ def open_state(state: "HQState | Path | str", database_url: str | None = None) -
     wanted = redact(database_url) if database_url else DEFAULT_DB
     marker = state_dir / DB_MARKER
     recorded = marker.read_text().strip() if marker.is_file() else None
+    if recorded is None and (state_dir / "hq.db").exists():
+        recorded = DEFAULT_DB            # made before the marker existed: its records are in hq.db
     if recorded is not None and recorded != wanted:
         def say(url):
             return "SQLite (hq.db in the state directory)" if url == DEFAULT_DB else url
@@ -245,7 +247,9 @@ def publish_bundle(state: HQState | Path, bundle_dir: Path, key_files: list[Path
 
 def feedback_records(state: HQState | Path, kind: str | None = None, since_id: int = 0) -> list[dict]:
     """Stored feedback for retraining, oldest first: id, appliance_id, idempotency_key, kind,
-    payload (dict), received_at and frame_file (the uploaded frame's path, or None)."""
+    payload (dict), received_at and frame_file (the uploaded frame's path, or None).
+    `since_id` is for a quiet HQ: on PostgreSQL, concurrent writers can make ids visible out of
+    order, so paging a live HQ by id may skip rows; read everything (as retrain does) instead."""
     if not isinstance(state, HQState) and not (Path(state) / "hq.db").exists() \
             and not (Path(state) / DB_MARKER).exists():
         return []                           # nothing there yet; do not create an HQ by reading
@@ -319,10 +323,10 @@ def _validate_record(record) -> str | None:
     if not isinstance(record, dict):
         return "record is not an object"
     key, kind, payload = record.get("idempotency_key"), record.get("kind"), record.get("payload")
-    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS:
-        return f"idempotency_key must be a string of 1-{MAX_KEY_CHARS} characters"
-    if not isinstance(kind, str) or not 0 < len(kind) <= 64:
-        return "kind must be a string of 1-64 characters"
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS or "\x00" in key:
+        return f"idempotency_key must be a string of 1-{MAX_KEY_CHARS} characters (no NUL)"
+    if not isinstance(kind, str) or not 0 < len(kind) <= 64 or "\x00" in kind:
+        return "kind must be a string of 1-64 characters (no NUL)"
     if not isinstance(payload, dict):
         return "payload must be a JSON object"
     return None
@@ -388,7 +392,8 @@ def _store_status(hq: HQState, appliance_id: str, status: dict) -> None:
             version = install.get("version")
             db.execute("INSERT INTO installs (appliance_id, ts, version, state, reason) VALUES (?, ?, ?, ?, ?)",
                        [appliance_id, now, version if isinstance(version, int) else None,
-                        str(install.get("state", ""))[:64], str(install.get("reason", ""))[:2000]])
+                        str(install.get("state", "")).replace("\x00", "")[:64],
+                        str(install.get("reason", "")).replace("\x00", "")[:2000]])
 
 
 # ---------------------------------------------------------------- the app
