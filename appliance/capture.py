@@ -20,7 +20,8 @@ from typing import Callable, Protocol
 import cv2
 import numpy as np
 
-from appliance.errors import CaptureError
+from appliance.errors import BadFrame, CaptureError
+from appliance.preprocess import decode_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class EncodedFrame(np.ndarray):
 
 def _decode_file(path: Path) -> np.ndarray | None:
     data = path.read_bytes()
-    frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if frame is None or not frame.size:
+    try:
+        frame = decode_image_bytes(data)
+    except BadFrame:
         return None
     if path.suffix.lower() == ".png":
         frame = frame.view(EncodedFrame)

@@ -133,12 +133,12 @@ def _hash_pin(pin: str, salt: bytes) -> str:
     return hashlib.scrypt(str(pin).encode(), salt=salt, n=2 ** 14, r=8, p=1, dklen=32).hex()
 
 
-def _score_rows(ranking: list[tuple[str, float]]) -> list[dict]:
-    """candidate = position in the given ranking; rank = 1 for the highest score."""
+def _score_rows(ranking: list[tuple[str, float]]) -> list[tuple]:
+    """(candidate, text, score, rank) as INSERT_SCORE takes them after the inspection id:
+    candidate = position in the given ranking; rank = 1 for the highest score."""
     order = sorted(range(len(ranking)), key=lambda i: -float(ranking[i][1]))
     rank_of = {i: r + 1 for r, i in enumerate(order)}
-    return [{"candidate": i, "text": text, "score": float(score), "rank": rank_of[i]}
-            for i, (text, score) in enumerate(ranking)]
+    return [(i, text, float(score), rank_of[i]) for i, (text, score) in enumerate(ranking)]
 
 
 def _review_outbox(insp: dict, review_id: int, operator: str, chosen: str, note: str, texts: list[str]):
@@ -291,8 +291,7 @@ class Store:
             with _immediate(db):      # plain SQL on the hot path: half the CPU of Table.insert_all
                 iid = db.execute(f"INSERT INTO inspections ({', '.join(row)}) "
                                  f"VALUES ({', '.join('?' * len(row))})", list(row.values())).lastrowid
-                db.conn.executemany(INSERT_SCORE, [(iid, s["candidate"], s["text"], s["score"], s["rank"])
-                                                   for s in scores])
+                db.conn.executemany(INSERT_SCORE, [(iid, *score) for score in scores])
             return iid
         return self._write(insert)
 
