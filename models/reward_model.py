@@ -230,19 +230,39 @@ def _minilm() -> nn.Module:
 
 # ---------------------------------------------------------------- fusion + head
 class FusionBlock(nn.Module):
-    """Text summary tokens attend to image patches, then an MLP."""
+    """Text summary tokens attend to image patches, then an MLP.
+
+    Shapes broadcast over the leading dimensions: text (1, N, M, d) with patches (B, 1, P, d)
+    scores every candidate against every frame while projecting each frame's patches to keys
+    and values once, not once per candidate. The weights are nn.MultiheadAttention's.
+    """
 
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
+        self.heads, self.dropout = heads, dropout
         self.norm_q = nn.LayerNorm(d)
         self.cross = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
         self.norm_mlp = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
     def forward(self, text, patches):
-        attended, _ = self.cross(self.norm_q(text), patches, patches, need_weights=False)
-        text = text + attended
+        text = text + self.cross.out_proj(self._attend(self.norm_q(text), patches))
         return text + self.mlp(self.norm_mlp(text))
+
+    def _attend(self, queries, patches):
+        d, h = queries.shape[-1], self.heads
+        w, b = self.cross.in_proj_weight, self.cross.in_proj_bias
+        q = _split_heads(F.linear(queries, w[:d], b[:d]), h)               # (..., h, M, d/h)
+        k = _split_heads(F.linear(patches, w[d:2 * d], b[d:2 * d]), h)      # (..., h, P, d/h)
+        v = _split_heads(F.linear(patches, w[2 * d:], b[2 * d:]), h)
+        weights = torch.softmax(q @ k.transpose(-1, -2) * (d // h) ** -0.5, dim=-1)
+        weights = F.dropout(weights, self.dropout, self.training)
+        out = (weights @ v).transpose(-3, -2)                              # (..., M, h, d/h)
+        return out.reshape(*out.shape[:-2], d)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads).transpose(-3, -2)
 
 
 class Scorer(nn.Module):
@@ -263,17 +283,14 @@ class Scorer(nn.Module):
         self.scale = d ** -0.5
 
     def _reward(self, patches, texts):
-        match = (self.image_match(patches.mean(1)) * self.text_match(texts.mean(1))).sum(-1) * self.scale
+        """patches (..., P, d) x texts (..., M, d), leading dims broadcast -> rewards (...)."""
+        match = (self.image_match(patches.mean(-2)) * self.text_match(texts.mean(-2))).sum(-1) * self.scale
         for block in self.blocks:
             texts = block(texts, patches)
-        return self.head(texts.mean(1)).squeeze(-1) + match
+        return self.head(texts.mean(-2)).squeeze(-1) + match
 
     def forward(self, patches, texts):
-        b, p, d = patches.shape
-        n, m, _ = texts.shape
-        img = patches[:, None].expand(b, n, p, d).reshape(b * n, p, d)
-        txt = texts[None].expand(b, n, m, d).reshape(b * n, m, d)
-        return self._reward(img, txt).reshape(b, n)
+        return self._reward(patches[:, None], texts[None])
 
     def score_pairs(self, patches, texts):
         """Row i of patches with row i of texts: (K, P, d) x (K, M, d) -> (K,)."""
@@ -288,13 +305,14 @@ class RewardModel(nn.Module):
         self.text_encoder = MiniLMTextEncoder(cfg) if cfg.text_encoder == "minilm" else SmallTextEncoder(cfg)
         self.scorer = Scorer(cfg)
 
-    def forward(self, image, ids, mask, candidates_per_image: int):
-        """image (B,1,H,W); ids/mask (B*C, L), C candidates per image -> rewards (B, C)."""
+    def forward(self, image, ids, mask, candidates_per_image: int, with_patches: bool = False):
+        """image (B,1,H,W); ids/mask (B*C, L), C candidates per image -> rewards (B, C)
+        (and the patch grid (B, P, d) when with_patches, for training-only heads)."""
         patches = self.image_encoder(image)
         texts = self.text_encoder(ids, mask)
         b, c = image.shape[0], candidates_per_image
-        img = patches.repeat_interleave(c, dim=0)
-        return self.scorer.score_pairs(img, texts).reshape(b, c)
+        r = self.scorer.score_pairs(patches[:, None], texts.reshape(b, c, *texts.shape[1:]))
+        return (r, patches) if with_patches else r
 
     def trainable_parameters(self):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}

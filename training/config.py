@@ -24,7 +24,13 @@ class DataConfig:
     synthetic_train: int = 1200
     synthetic_val: int = 300
     synthetic_on_elpv_fraction: float = 0.5          # rest on procedural textures
+    synthetic_negatives: int = 3          # hard negatives per training frame (<= 16); val keeps 3
     text_pairs: int = 2000
+
+    def __post_init__(self):
+        if not 1 <= self.synthetic_negatives <= 16:
+            raise ConfigError("data.synthetic_negatives must be between 1 and 16 "
+                              "(a defect has 16 one-fact changes)")
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,8 @@ class StageConfig:
     shortcut_weighting: bool = True   # multimodal: arXiv 2503.03122 pair weights
     temperature: float = 1.0          # distill: softmax temperature
     distill_alpha: float = 0.7        # distill: weight of the teacher term vs true pairs
+    fact_loss: float = 0.0           # multimodal/distill: weight of the training-only fact head
+                                      # (synthetic frames' type, cell, severity from the patches)
     max_steps_per_epoch: int | None = None
 
     def __post_init__(self):
@@ -45,6 +53,8 @@ class StageConfig:
             raise ConfigError(f"unknown stage {self.name!r}; stages are {', '.join(STAGE_NAMES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"stage {self.name}: epochs, batch_size and lr must be positive")
+        if self.fact_loss < 0 or (self.fact_loss and self.name == "text"):
+            raise ConfigError(f"stage {self.name}: fact_loss must be >= 0 and is for image stages only")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +22,9 @@ from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
 from models.reward_model import RewardModel, bradley_terry_loss, minilm_dir, save_model
 from training.config import StageConfig
 from training.data.batches import CandidateSet, iterate_batches
+from training.data.synthetic import FACT_CLASSES
 from training import distributed
+from torch import nn
 
 
 class Encoder:
@@ -43,12 +46,41 @@ class Encoder:
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def rewards(model: RewardModel, enc: Encoder, frames, texts, c: int, blank=False) -> torch.Tensor:
-    """(B*C) texts against B frames -> (B, C); a blank frame is encoded once, not B times."""
+def rewards(model: RewardModel, enc: Encoder, frames, texts, c: int, blank=False, with_patches=False):
+    """(B*C) texts against B frames -> (B, C); a blank frame is encoded once, not B times.
+    with_patches also returns the frames' patch grid (B, P, d) for the fact head."""
     ids, mask = enc.texts(texts)
     if blank:
         return model(enc.blank(1), ids, mask, len(texts)).reshape(len(frames), c)
-    return model(enc.frames(frames), ids, mask, c)
+    return model(enc.frames(frames), ids, mask, c, with_patches=with_patches)
+
+
+class TrainBatch(NamedTuple):
+    frames: np.ndarray          # (B, S, S) uint8
+    texts: list[str]            # B*C, the right candidate first in each group of C
+    c: int
+    labels: np.ndarray | None   # (B, 3) synthetic type/location/severity classes, else None
+
+
+class FactHead(nn.Module):
+    """Training-only: reads a synthetic frame's defect type, 3x3 cell and severity off its
+    patch grid. Its loss teaches the image features the facts the hard negatives change
+    (without it type and severity stay near chance); it is never saved with the model."""
+
+    def __init__(self, grid: int, d: int):
+        super().__init__()
+        self.linear = nn.Linear(grid * grid * d, sum(FACT_CLASSES))
+
+    def forward(self, patches: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+        logits = self.linear(patches.flatten(1)).split(FACT_CLASSES, dim=-1)
+        target = torch.from_numpy(labels)
+        return sum(F.cross_entropy(lg, target[:, k]) for k, lg in enumerate(logits))
+
+
+def fact_term(head, patches, batch: TrainBatch, stage: StageConfig):
+    if head is None or batch.labels is None or not stage.fact_loss:
+        return 0.0
+    return stage.fact_loss * head(patches, batch.labels)
 
 
 def pair_losses(r: torch.Tensor) -> torch.Tensor:
@@ -61,14 +93,14 @@ def centring(r: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ loss per stage
-def text_step(model, proxy, teacher, enc, stage: StageConfig, batch):
+def text_step(model, proxy, teacher, head, enc, stage: StageConfig, batch: TrainBatch):
     """Text-only pairs (blank frame): specific, consistent over vague or contradictory."""
     frames, texts, c, _ = batch
     r = rewards(model, enc, frames, texts, c, blank=True)
     return pair_losses(r).mean() + stage.centring * centring(r)
 
 
-def multimodal_step(model, proxy, teacher, enc, stage: StageConfig, batch):
+def multimodal_step(model, proxy, teacher, head, enc, stage: StageConfig, batch: TrainBatch):
     """Bradley-Terry with shortcut-aware weights (Li et al., arXiv 2503.03122).
 
     The proxy sees a blank frame and is trained alongside on the same pairs. Pair weight
@@ -77,21 +109,22 @@ def multimodal_step(model, proxy, teacher, enc, stage: StageConfig, batch):
     without also shrinking the overall learning rate (our deviation from the paper).
     """
     frames, texts, c, _ = batch
-    r_m = rewards(model, enc, frames, texts, c)
+    r_m, patches = rewards(model, enc, frames, texts, c, with_patches=True)
     loss_m = pair_losses(r_m)
+    facts = fact_term(head, patches, batch, stage)
     if not stage.shortcut_weighting or proxy is None:
-        return loss_m.mean() + stage.centring * centring(r_m)
+        return loss_m.mean() + stage.centring * centring(r_m) + facts
     r_t = rewards(proxy, enc, frames, texts, c, blank=True)
     loss_t = pair_losses(r_t)
     weight = (loss_t / (loss_m + loss_t + 1e-8)).detach()
     weight = weight / weight.mean().clamp_min(1e-6)   # relative weights: keep the step size
-    return (weight * loss_m + loss_t).mean() + stage.centring * (centring(r_m) + centring(r_t))
+    return (weight * loss_m + loss_t).mean() + stage.centring * (centring(r_m) + centring(r_t)) + facts
 
 
-def distill_step(student, proxy, teacher, enc, stage: StageConfig, batch):
+def distill_step(student, proxy, teacher, head, enc, stage: StageConfig, batch: TrainBatch):
     """Match the teacher's preference distribution over each candidate set + true pairs."""
     frames, texts, c, _ = batch
-    r_s = rewards(student, enc, frames, texts, c)
+    r_s, patches = rewards(student, enc, frames, texts, c, with_patches=True)
     with torch.no_grad():
         r_t = rewards(teacher, enc, frames, texts, c)
     t = stage.temperature
@@ -100,7 +133,7 @@ def distill_step(student, proxy, teacher, enc, stage: StageConfig, batch):
     scale = F.mse_loss(r_s - r_s.mean(-1, keepdim=True), r_t - r_t.mean(-1, keepdim=True))
     true_pairs = pair_losses(r_s).mean()
     return (stage.distill_alpha * (kl + 0.1 * scale) + (1 - stage.distill_alpha) * true_pairs
-            + stage.centring * centring(r_s))
+            + stage.centring * centring(r_s) + fact_term(head, patches, batch, stage))
 
 
 # fleet: the multimodal loss on operator preference pairs mixed with replay of the base data
@@ -133,7 +166,8 @@ def _mixed_batches(sets, batch_size, rng, max_steps):
     for k in plan:
         batch = next(iterators[k], None)
         if batch is not None:
-            yield batch
+            frames, texts, c, idx = batch
+            yield TrainBatch(frames, texts, c, sets[k].fact_labels(idx))
 
 
 def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, val_sets,
@@ -147,10 +181,12 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
         return json.loads(done.read_text())
     stage_dir.mkdir(parents=True, exist_ok=True)
     trained = [m for m in (model, proxy) if m is not None]
-    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    head = FactHead(model.config.grid, model.config.d_model) if stage.fact_loss else None
+    params = [p for m in trained + [head] if m is not None for p in m.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     wrapped = distributed.wrap(model)
-    start, best, history = _resume(stage_dir / "checkpoint.pt", model, proxy, optim)
+    wrapped_head = distributed.wrap(head) if head is not None else None
+    start, best, history = _resume(stage_dir / "checkpoint.pt", model, proxy, optim, head)
     initial = _trainable_snapshot(trained)
     step_fn = STEPS[stage.name]
     for epoch in range(start, stage.epochs):
@@ -159,14 +195,14 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
         sched_lr = stage.lr * 0.5 * (1 + np.cos(np.pi * epoch / stage.epochs))
         for group in optim.param_groups:
             group["lr"] = sched_lr
-        for m in trained:
+        for m in trained + ([head] if head is not None else []):
             m.train()
         bar = tqdm(_mixed_batches(train_sets, stage.batch_size, rng, stage.max_steps_per_epoch),
                    total=steps, desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
                    disable=not distributed.is_main(), dynamic_ncols=True)
         losses = []
         for batch in bar:
-            loss = step_fn(wrapped, proxy, teacher, enc, stage, batch)
+            loss = step_fn(wrapped, proxy, teacher, wrapped_head, enc, stage, batch)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -184,7 +220,7 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
         if distributed.is_main():
             print(f"[{stage.name}] epoch {epoch + 1}: loss {history[-1]['loss']:.4f}  "
                   f"val pairwise accuracy {val:.4f}", flush=True)
-            _save_checkpoint(stage_dir / "checkpoint.pt", epoch + 1, model, proxy, optim, best, history)
+            _save_checkpoint(stage_dir / "checkpoint.pt", epoch + 1, model, proxy, optim, best, history, head)
     model.load_state_dict(best["model"])
     if proxy is not None and best["proxy"] is not None:
         proxy.load_state_dict(best["proxy"])
@@ -211,22 +247,25 @@ def _count_steps(sets, stage: StageConfig) -> int:
     return min(n, stage.max_steps_per_epoch) if stage.max_steps_per_epoch else n
 
 
-def _save_checkpoint(path: Path, epoch, model, proxy, optim, best, history):
+def _save_checkpoint(path: Path, epoch, model, proxy, optim, best, history, head=None):
     state = {"epoch": epoch, "model": model.state_dict(), "optim": optim.state_dict(),
              "proxy": proxy.state_dict() if proxy is not None else None,
+             "fact_head": head.state_dict() if head is not None else None,
              "best": best, "history": history}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def _resume(path: Path, model, proxy, optim):
+def _resume(path: Path, model, proxy, optim, head=None):
     if not path.exists():
         return 0, None, []
     state = torch.load(path, weights_only=False)
     model.load_state_dict(state["model"])
     if proxy is not None and state["proxy"] is not None:
         proxy.load_state_dict(state["proxy"])
+    if head is not None and state.get("fact_head") is not None:
+        head.load_state_dict(state["fact_head"])
     optim.load_state_dict(state["optim"])
     print(f"resuming from {path} after epoch {state['epoch']}", flush=True)
     return state["epoch"], state["best"], state["history"]

@@ -61,7 +61,7 @@ def build_data(cfg: TrainConfig, size: int) -> dict[str, list[CandidateSet]]:
     backgrounds = elpv.defect_free_backgrounds(size) if d.synthetic_on_elpv_fraction > 0 else None
     if d.synthetic_train:
         train.append(synthetic_set("synthetic-train", d.synthetic_train, size, cfg.seed + 1,
-                                   d.synthetic_on_elpv_fraction, backgrounds))
+                                   d.synthetic_on_elpv_fraction, backgrounds, d.synthetic_negatives))
         val.append(synthetic_set("synthetic-val", d.synthetic_val, size, cfg.seed + 2,
                                  d.synthetic_on_elpv_fraction, backgrounds))
     rng = np.random.default_rng(cfg.seed + 3)

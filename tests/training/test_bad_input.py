@@ -38,6 +38,18 @@ def test_unknown_model_key_and_stage(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("text, problem", [
+    ("data: {synthetic_negatives: 17}\nstages: [{name: text}]\n", "synthetic_negatives"),
+    ("stages: [{name: text, fact_loss: 0.5}]\n", "fact_loss"),
+    ("stages: [{name: multimodal, fact_loss: -1}]\n", "fact_loss"),
+])
+def test_out_of_range_training_options_are_named(tmp_path, text, problem):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        load_config(bad)
+
+
 def test_missing_and_corrupt_images(tmp_path):
     with pytest.raises(BadFrame, match="does not exist"):
         read_image(tmp_path / "nope.png")

@@ -141,3 +141,24 @@ def test_changed_fact_names_the_one_fact_a_hard_negative_changes():
     kinds = {syn.changed_fact(truth, n) for n in syn.hard_negatives(truth, rng, k=4)}
     assert kinds == {"presence", "type", "location", "severity"}         # k=4 takes each kind once
     assert syn.changed_fact(NO_DEFECT, truth) == "presence"
+
+
+def test_sixteen_negatives_are_every_one_fact_change_of_a_defect():
+    facts = DefectFacts("crack", "center", "minor")
+    negatives = syn.hard_negatives(facts, np.random.default_rng(0), k=16)
+    assert sorted(negatives, key=str) == sorted([n for group in syn.one_fact_changes(facts) for n in group], key=str)
+    kinds = [syn.changed_fact(facts, n) for n in negatives]
+    assert {k: kinds.count(k) for k in syn.FACT_KINDS} == {"presence": 1, "type": 5, "location": 8, "severity": 2}
+
+
+def test_eight_negatives_take_the_kinds_of_change_in_turn():
+    facts = DefectFacts("stain", "upper left", "severe")
+    kinds = [syn.changed_fact(facts, n) for n in syn.hard_negatives(facts, np.random.default_rng(3), k=8)]
+    assert set(kinds) == set(syn.FACT_KINDS) and max(kinds.count(k) for k in kinds) <= 3
+
+
+def test_fact_labels_are_class_ids_with_zero_for_no_defect():
+    assert syn.fact_labels(NO_DEFECT) == (0, 0, 0)
+    t, loc, sev = syn.fact_labels(DefectFacts("dent", "lower right", "severe"))
+    assert (syn.DEFECT_TYPES[t - 1], syn.LOCATIONS[loc - 1], syn.SEVERITIES[sev - 1]) == ("dent", "lower right", "severe")
+    assert syn.FACT_CLASSES == (1 + len(syn.DEFECT_TYPES), 1 + len(syn.LOCATIONS), 1 + len(syn.SEVERITIES))

@@ -62,3 +62,31 @@ def test_eval_writes_json_with_flat_keys_and_report(tiny_run, tmp_path):
     assert (tmp_path / "m_confusion_levels.png").stat().st_size > 1000
     by_fact = {k: v for k, v in metrics.items() if k.startswith("synthetic_pairwise_accuracy_")}
     assert "synthetic_pairwise_accuracy_presence" in by_fact and all(0 <= v <= 1 for v in by_fact.values())
+
+
+def test_fact_head_trains_but_never_ships_with_the_model(tiny_run):
+    import torch
+    from safetensors.torch import load_file
+    out, _ = tiny_run
+    for stage in ("multimodal", "distill"):
+        state = torch.load(out / stage / "checkpoint.pt", weights_only=False)
+        assert state["fact_head"] is not None, f"{stage}: the fact head is not checkpointed for resume"
+        saved = load_file(str(out / stage / "model" / "model.safetensors"))
+        assert not any("fact" in key for key in saved), f"{stage}: a training-only head reached the model"
+
+
+def test_fact_loss_reaches_the_image_features_only():
+    import numpy as np
+    import torch
+    from models.reward_model import ModelConfig, RewardModel
+    from training.stages import FactHead
+    cfg = ModelConfig(image_size=64, d_model=32, text_heads=2, fusion_heads=2, summary_tokens=2,
+                      max_tokens=16, pretrained_image=False, frozen_blocks=12)
+    model = RewardModel(cfg).eval()
+    images = torch.randn(2, 1, 64, 64)
+    ids, mask = torch.randint(1000, 2000, (6, 16)), torch.ones(6, 16, dtype=torch.long)
+    r, patches = model(images, ids, mask, 3, with_patches=True)
+    assert torch.equal(r, model(images, ids, mask, 3)) and patches.shape == (2, cfg.grid ** 2, 32)
+    FactHead(cfg.grid, cfg.d_model)(patches, np.array([[0, 0, 0], [3, 5, 2]])).backward()
+    assert model.image_encoder.project.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.text_encoder.parameters())

@@ -2,7 +2,8 @@
 
 A sample is one frame with C candidate explanations; candidate 0 is the right one (the
 chosen side of C-1 preference pairs). ELPV frames get one phrasing of every catalog entry
-(C = 8); synthetic frames get the truth and hard negatives that differ in one fact (C = 4).
+(C = 8); synthetic frames get the truth and hard negatives that differ in one fact (C = 4 for
+evaluation; training may use all 16 one-fact changes, C = 17: many more pairs per encoded frame).
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ class CandidateSet:
     def texts(self, i: int, rng: np.random.Generator, heldout: bool = False, display: bool = False) -> list[str]:
         raise NotImplementedError
 
+    def fact_labels(self, idx: np.ndarray) -> np.ndarray | None:
+        """(B, 3) type/location/severity classes where the frame's facts are known, else None."""
+        return None
+
 
 @dataclass
 class ElpvSet(CandidateSet):
@@ -69,6 +74,9 @@ class SyntheticSet(CandidateSet):
     negatives: list = None          # per frame: list of DefectFacts differing in one fact
     flippable = False
 
+    def fact_labels(self, idx):
+        return np.array([synthetic.fact_labels(self.facts[i]) for i in idx], np.int64)
+
     def texts(self, i, rng, heldout=False, display=False):
         truth = synthetic.describe(self.facts[i], rng, heldout=heldout)
         return [truth] + [synthetic.describe(f, rng, heldout=heldout) for f in self.negatives[i]]
@@ -82,16 +90,18 @@ def elpv_set(part: str, size: int, limit: int | None = None, types=TYPES, seed: 
 
 
 def synthetic_set(name: str, n: int, size: int, seed: int, on_elpv_fraction: float,
-                  backgrounds: np.ndarray | None) -> SyntheticSet:
+                  backgrounds: np.ndarray | None, negatives: int = 3) -> SyntheticSet:
+    """n rendered frames, each with `negatives` hard negatives (16 = every one-fact change
+    of a defect: 5 types, 8 locations, 2 severities, no defect)."""
     rng = np.random.default_rng(seed)
-    images, facts, negatives = np.empty((n, size, size), np.uint8), [], []
+    images, facts, changed = np.empty((n, size, size), np.uint8), [], []
     for i in range(n):
         use_cell = backgrounds is not None and len(backgrounds) and rng.random() < on_elpv_fraction
         background = backgrounds[rng.integers(len(backgrounds))] if use_cell else None
         images[i], f = synthetic.render_sample(rng, size=size, background=background)
         facts.append(f)
-        negatives.append(synthetic.hard_negatives(f, rng, k=3))
-    return SyntheticSet(name, images, [f"{name}-{i}" for i in range(n)], facts=facts, negatives=negatives)
+        changed.append(synthetic.hard_negatives(f, rng, k=negatives))
+    return SyntheticSet(name, images, [f"{name}-{i}" for i in range(n)], facts=facts, negatives=changed)
 
 
 def augment(gray: np.ndarray, rng: np.random.Generator, flips: bool) -> np.ndarray:

@@ -252,6 +252,17 @@ def changed_fact(truth: DefectFacts, negative: DefectFacts) -> str:
     return "location" if truth.location != negative.location else "severity"
 
 
+FACT_CLASSES = (1 + len(DEFECT_TYPES), 1 + len(LOCATIONS), 1 + len(SEVERITIES))   # 0 = no defect
+
+
+def fact_labels(facts: DefectFacts) -> tuple[int, int, int]:
+    """(type, location, severity) class ids, 0 for each when there is no defect."""
+    if facts.defect is None:
+        return 0, 0, 0
+    return (1 + DEFECT_TYPES.index(facts.defect), 1 + LOCATIONS.index(facts.location),
+            1 + SEVERITIES.index(facts.severity))
+
+
 def hard_negatives(facts: DefectFacts, rng: np.random.Generator, k: int = 3) -> list[DefectFacts]:
     """k distinct facts, each differing from `facts` in exactly one fact; the changed facts
     are taken in turn (type, location, severity, presence in random order) so k <= 4 never
