@@ -1,4 +1,4 @@
 {
   "key_id": "hq",
-  "signature": "+qynXyLITz5wR6fHIWWFRzRRXO5O7l0mfHR5gTt/2I0f8u+rJYoOWkrKFiC7rywYeuUiVofoeDr6dTW+p0CBCA=="
+  "signature": "HhOcr18/Id9W5nSnVAfNfukrWdOTVti0n6WfKGS3/lu6Cuq+0GkVRxTIAdTnzRkX8ey+iXJUoq1yzwzqJWN+CQ=="
 }
