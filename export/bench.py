@@ -7,6 +7,11 @@ Variants (each in its own process, so peak memory is its own):
   onnx-int8       the bundle's INT8 graphs, catalog features cached (as the appliance runs)
 For N = 1, 4, 16, 64 candidates, single-thread and all threads: p50/p99 latency per frame,
 frames/s; plus size on disk, peak RSS, and a PNG plot.
+
+Every variant gets the same input: a frame already at the model's size, normalised inside the
+timed call. A camera frame must also be resized first (cv2 INTER_AREA, ~0.12 ms for ELPV's
+300x300 -> 160 here, the same for every variant); the ONNX variants are also timed from a
+300x300 frame at N = 16 (rows with "from_px": 300) so that cost is on record too.
 """
 from __future__ import annotations
 
@@ -31,11 +36,13 @@ def _texts(n: int) -> list[str]:
     return [f"{base[i % len(base)]} ({i})" for i in range(n)]
 
 
-def _timeit(fn, frames: int, warmup: int = 3) -> np.ndarray:
+def _timeit(fn, frames: int, warmup: int = 3, min_seconds: float = 1.0) -> np.ndarray:
+    """At least `frames` calls and at least min_seconds of them: millisecond-scale graphs get
+    hundreds of samples, so p50 is not at the mercy of a few noisy ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(frames):
+    times, start = [], time.perf_counter()
+    while len(times) < frames or time.perf_counter() - start < min_seconds:
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1000)
@@ -65,6 +72,9 @@ def _torch_runner(model_dir: Path, threads: int):
     return make, model.image_encoder
 
 
+CAMERA_PX = 300   # ELPV's native size: the resize a camera frame needs before the model
+
+
 def _onnx_runner(bundle: Path, threads: int, int8: bool):
     from appliance.preprocess import PreprocessSpec, TextTokenizer, frame_to_input
     from appliance.scoring.onnx_backend import OnnxBackend
@@ -72,15 +82,15 @@ def _onnx_runner(bundle: Path, threads: int, int8: bool):
     spec = PreprocessSpec.from_dict(manifest["preprocessing"])
     backend = OnnxBackend(bundle, int8=int8, threads=threads)
     tokenizer = TextTokenizer(bundle / "tokenizer.json", spec.max_tokens)
-    frame = np.random.default_rng(0).integers(0, 255, (300, 300), np.uint8)
+    model_frame = np.random.default_rng(0).integers(0, 255, (spec.image_size, spec.image_size), np.uint8)
 
-    def make(n):
+    def make(n, frame=model_frame):
         features = backend.text_features(*tokenizer.encode(_texts(n)))   # cached, as the catalog is
 
         def run():
             return backend.rewards(backend.image_features(frame_to_input(frame, spec)), features)
         return run
-    image_only = lambda: backend.image_features(frame_to_input(frame, spec))  # noqa: E731
+    image_only = lambda: backend.image_features(frame_to_input(model_frame, spec))  # noqa: E731
     return make, image_only
 
 
@@ -98,6 +108,11 @@ def measure_variant(variant: str, run_dir: Path, bundle: Path, frames: int) -> d
                          "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
                          "fps": float(1000 / t.mean())})
         if not variant.startswith("torch"):
+            camera_frame = np.random.default_rng(1).integers(0, 255, (CAMERA_PX, CAMERA_PX), np.uint8)
+            t = _timeit(make(16, camera_frame), frames)
+            rows.append({"variant": variant, "threads": threads, "candidates": 16, "from_px": CAMERA_PX,
+                         "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+                         "fps": float(1000 / t.mean())})
             t = _timeit(image_only, frames)
             rows.append({"variant": variant, "threads": threads, "candidates": 0,
                          "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
@@ -111,9 +126,9 @@ def _size_mb(paths) -> float:
 
 
 def summarize(results: dict, run_dir: Path, bundle: Path) -> dict:
-    def p50(variant, n, threads):
-        return next(r["p50_ms"] for r in results[variant]["rows"]
-                    if r["candidates"] == n and r["threads"] == threads and not r.get("image_encoder_only"))
+    def p50(variant, n, threads, from_px=None):
+        return next(r["p50_ms"] for r in results[variant]["rows"] if r["candidates"] == n and
+                    r["threads"] == threads and not r.get("image_encoder_only") and r.get("from_px") == from_px)
     all_threads = os.cpu_count() or 1
     image_ms = next(r["p50_ms"] for r in results["onnx-int8"]["rows"]
                     if r.get("image_encoder_only") and r["threads"] == all_threads)
@@ -122,6 +137,8 @@ def summarize(results: dict, run_dir: Path, bundle: Path) -> dict:
         "int8_vs_teacher_speedup_n16": p50("torch-teacher", 16, all_threads) / p50("onnx-int8", 16, all_threads),
         "int8_vs_fp32_speedup_n16": p50("onnx-fp32", 16, all_threads) / p50("onnx-int8", 16, all_threads),
         "int8_vs_fp32_speedup_n16_single_thread": p50("onnx-fp32", 16, 1) / p50("onnx-int8", 16, 1),
+        "int8_vs_fp32_speedup_n16_from_300px": (p50("onnx-fp32", 16, all_threads, CAMERA_PX)
+                                                / p50("onnx-int8", 16, all_threads, CAMERA_PX)),
         "per_candidate_cost_ratio": per_candidate / image_ms,
         "int8_p50_ms_n16": p50("onnx-int8", 16, all_threads),
         "threads_all": all_threads,
@@ -143,7 +160,7 @@ def plot(summary: dict, path: Path) -> None:
     for ax, threads in zip(axes, (1, summary["threads_all"])):
         for variant in VARIANTS:
             rows = [r for r in summary["rows"] if r["variant"] == variant and r["threads"] == threads
-                    and not r.get("image_encoder_only")]
+                    and not r.get("image_encoder_only") and not r.get("from_px")]
             ax.plot([r["candidates"] for r in rows], [r["p50_ms"] for r in rows], "o-", label=variant)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
