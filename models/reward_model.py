@@ -239,7 +239,7 @@ class FusionBlock(nn.Module):
 
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.d, self.heads, self.dropout = d, heads, dropout   # static: the ONNX graph folds the slices
         self.norm_q = nn.LayerNorm(d)
         self.cross = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
         self.norm_mlp = nn.LayerNorm(d)
@@ -250,7 +250,7 @@ class FusionBlock(nn.Module):
         return text + self.mlp(self.norm_mlp(text))
 
     def _attend(self, queries, patches):
-        d, h = queries.shape[-1], self.heads
+        d, h = self.d, self.heads
         w, b = self.cross.in_proj_weight, self.cross.in_proj_bias
         q = _split_heads(F.linear(queries, w[:d], b[:d]), h)               # (..., h, M, d/h)
         k = _split_heads(F.linear(patches, w[d:2 * d], b[d:2 * d]), h)      # (..., h, P, d/h)

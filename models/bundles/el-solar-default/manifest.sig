@@ -1,4 +1,4 @@
 {
   "key_id": "hq",
-  "signature": "HhOcr18/Id9W5nSnVAfNfukrWdOTVti0n6WfKGS3/lu6Cuq+0GkVRxTIAdTnzRkX8ey+iXJUoq1yzwzqJWN+CQ=="
+  "signature": "pgkfIb/HotGlKgjiSdG6W1XZgh6owfAMHt6guF+F94UWzj1BFYDNPcFypB8n0oaL9SnCJO6d77CpiZjFpTl/BA=="
 }
