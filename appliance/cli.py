@@ -139,7 +139,7 @@ def cmd_bench(args) -> int:
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=2))
         return 0
     from export.bench import run_bench
-    summary = run_bench(args.run, args.bundle, args.json, frames=args.frames)
+    summary = run_bench(args.run, args.bundle, args.json, frames=args.frames, repeats=args.repeats)
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=2))
     return 0
 
@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=30, help="timed frames per setting")
     p.add_argument("--pipeline", action="store_true", help="whole appliance pipeline from a replay source")
     p.add_argument("--seconds", type=float, default=20.0, help="--pipeline: how long each run lasts")
-    p.add_argument("--repeats", type=int, default=3, help="--pipeline: runs; the medians are reported")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of the ONNX variants (--pipeline: whole runs); the median is reported")
     p.set_defaults(func=cmd_bench)
     return parser
 

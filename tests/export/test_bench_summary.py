@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from export.bench import VARIANTS, summarize
+from export.bench import VARIANTS, median_run, summarize
 
 ALL = os.cpu_count() or 1
 
@@ -30,3 +30,11 @@ def test_speedups_come_from_model_size_frames_and_camera_frames_separately(tmp_p
     assert summary["int8_vs_fp32_speedup_n16_from_300px"] == pytest.approx(2.26 / 1.26)
     assert summary["int8_vs_teacher_speedup_n16"] == pytest.approx(200.16 / 1.16)
     assert summary["per_candidate_cost_ratio"] == pytest.approx(0.01 / 1.0)
+
+
+def test_the_median_run_is_reported_whole_with_every_run_beside_it():
+    runs = [{"int8_vs_fp32_speedup_n16": x, "int8_p50_ms_n16": 3.0 / x, "rows": []} for x in (2.4, 1.9, 2.1)]
+    chosen = median_run(runs)
+    assert chosen["int8_vs_fp32_speedup_n16"] == 2.1 and chosen["int8_p50_ms_n16"] == pytest.approx(3.0 / 2.1)
+    assert [r["int8_vs_fp32_speedup_n16"] for r in chosen["runs"]] == [2.4, 1.9, 2.1]
+    assert median_run(runs[:2])["int8_vs_fp32_speedup_n16"] == 1.9    # even count: the lower middle
