@@ -69,7 +69,7 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite_utils.Database], None] | str]] = [
 
 INSERT_SCORE = "INSERT INTO scores (inspection_id, candidate, text, score, rank) VALUES (?, ?, ?, ?, ?)"
 
-FRAME_REFS_SQL = """SELECT frame_path, max(ts) AS last_ts,
+FRAME_REFS_SQL = """SELECT frame_path, max(ts) AS last_ts, max(id) AS last_id,
   max(EXISTS (SELECT 1 FROM outbox o WHERE o.inspection_id = i.id AND o.sent_at IS NULL)) AS keep,
   max(flagged = 1 AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id)) AS awaiting_review
 FROM inspections i WHERE frame_path IS NOT NULL GROUP BY frame_path"""
@@ -397,8 +397,8 @@ class Store:
                 victims.append(rel)
                 total -= size
             elif ref is not None and not ref["awaiting_review"]:
-                by_age.append((ref["last_ts"], rel, size))
-        for _, rel, size in sorted(by_age):
+                by_age.append((ref["last_ts"], ref["last_id"], rel, size))   # id breaks ties in ts
+        for *_, rel, size in sorted(by_age):
             if total <= self.frame_budget_bytes:
                 break
             victims.append(rel)

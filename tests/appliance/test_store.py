@@ -135,7 +135,9 @@ def test_prune_never_deletes_frames_of_unsent_outbox(store):
     assert store.prune_frames(now=LATER) == 1 and not files[ids[0]].exists()
 
 
-def test_prune_keeps_the_disk_budget_oldest_first(tmp_path):
+def test_prune_keeps_the_disk_budget_oldest_first(tmp_path, monkeypatch):
+    same_ms = datetime(2026, 1, 1, tzinfo=timezone.utc)     # a fast line logs several frames per ms
+    monkeypatch.setattr(store_mod, "_utcnow", lambda: same_ms)
     frame_bytes = len(b"frame-0" * 100)
     with Store(tmp_path / "a.db", frame_budget_mb=2.5 * frame_bytes / 2 ** 20) as s:
         ids = [log(s, n) for n in range(5)]
