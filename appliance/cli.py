@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=1)
     p.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), default="minmax")
     p.add_argument("--calibration-frames", type=int, default=320)
-    p.add_argument("--keep-fp32", nargs="*", help="ONNX node names to leave unquantized")
+    p.add_argument("--keep-fp32", nargs="*", help="ONNX node names, or prefixes ending in '/' (e.g. /blocks.0/), to leave unquantized")
     p.add_argument("--key", help="ed25519 private key to sign with")
     p.add_argument("--key-id", help="key id recorded in the signature (default: key file name)")
     p.add_argument("--val-limit", type=int, help="use at most this many val frames (quick checks)")

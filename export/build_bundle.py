@@ -154,8 +154,14 @@ def _calibration_feeds(out: Path, spec, tokenizer, catalog, n: int) -> tuple[lis
 def _quantize(out: Path, spec, tokenizer, catalog, opts: ExportOptions) -> dict:
     image_feeds, scorer_feeds = _calibration_feeds(out, spec, tokenizer, catalog, opts.calibration_frames)
     names = {}
-    image_keep = quantize.stem_nodes(out / "image_encoder.onnx") + list(opts.keep_fp32)
-    scorer_keep = quantize.head_nodes(out / "scorer.onnx") + list(opts.keep_fp32)
+    image, scorer = out / "image_encoder.onnx", out / "scorer.onnx"
+    image_keep = quantize.stem_nodes(image) + quantize.matching_nodes(image, list(opts.keep_fp32))
+    scorer_keep = quantize.head_nodes(scorer) + quantize.matching_nodes(scorer, list(opts.keep_fp32))
+    unmatched = [p for p in opts.keep_fp32 if not quantize.matching_nodes(image, [p])
+                 and not quantize.matching_nodes(scorer, [p])]
+    if unmatched:
+        raise ExportGateError(f"--keep-fp32 {' '.join(unmatched)} names no node of the image encoder or "
+                              f"scorer; give a node name or a prefix ending in '/' such as /blocks.0/")
     for stem, feeds, keep, ops in (("image_encoder", image_feeds, image_keep, None),
                                    ("scorer", scorer_feeds, scorer_keep, ["MatMul", "Gemm"])):
         target = out / f"{stem}.int8.onnx"
@@ -189,7 +195,7 @@ def _int8_gate(fp32, int8, tokenizer, spec, val, catalog, opts: ExportOptions, o
             f"INT8 fails the gate: pairwise {pa:.4f} -> {pb:.4f} ({gate['pairwise_drop_points']:.2f} points, "
             f"limit {opts.gate_points}), top-1 agreement {top1:.4f} (min {opts.gate_top1}). Most divergent "
             f"tensors: {worst}. Try "
-            f"--calibration entropy|percentile or --keep-fp32 <node>.")
+            f"--calibration entropy|percentile or --keep-fp32 <node or prefix/> (e.g. /blocks.0/).")
     return gate
 
 

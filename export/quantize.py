@@ -20,6 +20,8 @@ import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                       QuantType, quantize_static)
 
+CALIBRATION_CHUNK = 32   # feeds per calibration pass: the histogram methods keep every activation
+                         # of a pass in memory (320 frames at 224x224 did not fit in 24 GiB)
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
 
@@ -29,13 +31,26 @@ class QuantizationGateError(RuntimeError):
 
 
 class ArrayReader(CalibrationDataReader):
-    """Feeds a list of input dicts to the calibrator, one batch at a time."""
+    """Feeds a list of input dicts to the calibrator, one batch at a time; `set_range` lets
+    onnxruntime calibrate in chunks (its CalibStridedMinMax option)."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._all = feeds
         self._feeds = iter(feeds)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._feeds = iter(self._all[start_index:end_index])
 
     def get_next(self):
         return next(self._feeds, None)
+
+
+def calibration_stride(n: int, most: int = CALIBRATION_CHUNK) -> int:
+    """The largest chunk size <= most that divides n (onnxruntime requires it)."""
+    return next(k for k in range(min(most, n), 0, -1) if n % k == 0)
 
 
 def head_nodes(scorer_path: Path) -> list[str]:
@@ -45,6 +60,13 @@ def head_nodes(scorer_path: Path) -> list[str]:
     kinds = [n.op_type for n in graph.node]
     last_norm = max((i for i, k in enumerate(kinds) if k in ("LayerNormalization", "ReduceMean")), default=0)
     return [names[i] for i in range(last_norm, len(names)) if kinds[i] in ("MatMul", "Gemm", "Add")]
+
+
+def matching_nodes(model_path: Path, patterns: list[str]) -> list[str]:
+    """Node names given exactly, or by a prefix ending in '/' ("/blocks.0/" = every node of
+    EfficientNet block 0)."""
+    names = [n.name for n in onnx.load(str(model_path)).graph.node]
+    return [n for n in names if any(n == p or (p.endswith("/") and n.startswith(p)) for p in patterns)]
 
 
 def stem_nodes(image_encoder_path: Path) -> list[str]:
@@ -59,7 +81,9 @@ def onnx_to_int8(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndar
     """Static QDQ quantization, per-channel int8 weights, uint8 activations."""
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(METHODS)}, not {method!r}")
-    extra = {"CalibPercentile": 99.999} if method == "percentile" else {}
+    extra = {"CalibStridedMinMax": calibration_stride(len(feeds))}   # chunks for every method
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
     quantize_static(str(fp32_path), str(int8_path), ArrayReader(feeds), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=METHODS[method], nodes_to_exclude=list(keep_fp32 or []),

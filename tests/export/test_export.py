@@ -79,3 +79,35 @@ def test_a_failed_export_leaves_the_existing_bundle_alone(tiny_run, tmp_path):
     with pytest.raises(ExportGateError, match="INT8 fails the gate"):
         checkpoint_to_bundle(tiny_run[0], existing, impossible)
     assert [p.name for p in existing.iterdir()] == ["manifest.json"]
+
+
+def test_keep_fp32_takes_node_prefixes_and_leaves_those_nodes_in_float(tiny_bundle, tmp_path):
+    import onnx
+    from export import quantize
+    fp32 = tiny_bundle[0] / "image_encoder.onnx"
+    block0 = quantize.matching_nodes(fp32, ["/blocks.0/"])
+    assert block0 and all(n.startswith("/blocks.0/") for n in block0)
+    assert quantize.matching_nodes(fp32, [block0[0]]) == [block0[0]]       # an exact name
+    assert quantize.matching_nodes(fp32, ["/blocks.0"]) == []             # a prefix must end in '/'
+    rng = np.random.default_rng(0)
+    size = onnx.load(str(fp32)).graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    feeds = [{"image": rng.normal(size=(1, 1, size, size)).astype(np.float32)} for _ in range(40)]
+    out = quantize.onnx_to_int8(fp32, tmp_path / "int8.onnx", feeds, "percentile", keep_fp32=block0)
+    graph = onnx.load(str(out)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = {n.name: n for n in graph.node if n.op_type == "Conv"}
+    kept = [convs[name] for name in block0 if name in convs]
+    assert kept and all(n.input[1] not in dequantized for n in kept)      # float weights
+    later = [n for name, n in convs.items() if name.startswith("/blocks.1/")]
+    assert later and all(n.input[1] in dequantized for n in later)        # the rest is INT8
+
+
+def test_calibration_runs_in_chunks_that_divide_the_frames():
+    from export.quantize import calibration_stride
+    assert [calibration_stride(n) for n in (320, 300, 40, 7, 37)] == [32, 30, 20, 7, 1]
+
+
+def test_keep_fp32_that_names_no_node_is_a_clear_error(tiny_run, tmp_path):
+    opts = ExportOptions(val_limit=16, calibration_frames=8, keep_fp32=("/no_such_block/",))
+    with pytest.raises(ExportGateError, match="--keep-fp32 /no_such_block/ names no node"):
+        checkpoint_to_bundle(tiny_run[0], tmp_path / "b", opts)
