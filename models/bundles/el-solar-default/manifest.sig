@@ -1,4 +1,4 @@
 {
   "key_id": "hq",
-  "signature": "pgkfIb/HotGlKgjiSdG6W1XZgh6owfAMHt6guF+F94UWzj1BFYDNPcFypB8n0oaL9SnCJO6d77CpiZjFpTl/BA=="
+  "signature": "rJWcwy6ZGA314TkChDqV4CXa5YsZdxiQGoQvbm4Eqid9ztv62U04YXV0UfGFHc0vJDMGB5lcXxPTA3iVzUIpBQ=="
 }
