@@ -21,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from appliance.candidates import load_catalog
-from appliance.errors import LinejudgeError
+from appliance.errors import ConfigError, LinejudgeError
 from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import decide_stats, quantize, to_onnx, verify
@@ -155,13 +155,13 @@ def _quantize(out: Path, spec, tokenizer, catalog, opts: ExportOptions) -> dict:
     image_feeds, scorer_feeds = _calibration_feeds(out, spec, tokenizer, catalog, opts.calibration_frames)
     names = {}
     image, scorer = out / "image_encoder.onnx", out / "scorer.onnx"
-    image_keep = quantize.stem_nodes(image) + quantize.matching_nodes(image, list(opts.keep_fp32))
-    scorer_keep = quantize.head_nodes(scorer) + quantize.matching_nodes(scorer, list(opts.keep_fp32))
-    unmatched = [p for p in opts.keep_fp32 if not quantize.matching_nodes(image, [p])
-                 and not quantize.matching_nodes(scorer, [p])]
+    image_names, scorer_names = quantize.node_names(image), quantize.node_names(scorer)
+    unmatched = [p for p in opts.keep_fp32 if not quantize.matching_nodes(image_names + scorer_names, [p])]
     if unmatched:
-        raise ExportGateError(f"--keep-fp32 {' '.join(unmatched)} names no node of the image encoder or "
-                              f"scorer; give a node name or a prefix ending in '/' such as /blocks.0/")
+        raise ConfigError(f"--keep-fp32 {' '.join(unmatched)} names no node of the image encoder or "
+                          f"scorer; give a node name or a prefix ending in '/' such as /blocks.0/")
+    image_keep = quantize.stem_nodes(image) + quantize.matching_nodes(image_names, list(opts.keep_fp32))
+    scorer_keep = quantize.head_nodes(scorer) + quantize.matching_nodes(scorer_names, list(opts.keep_fp32))
     for stem, feeds, keep, ops in (("image_encoder", image_feeds, image_keep, None),
                                    ("scorer", scorer_feeds, scorer_keep, ["MatMul", "Gemm"])):
         target = out / f"{stem}.int8.onnx"

@@ -62,10 +62,13 @@ def head_nodes(scorer_path: Path) -> list[str]:
     return [names[i] for i in range(last_norm, len(names)) if kinds[i] in ("MatMul", "Gemm", "Add")]
 
 
-def matching_nodes(model_path: Path, patterns: list[str]) -> list[str]:
+def node_names(model_path: Path) -> list[str]:
+    return [n.name for n in onnx.load(str(model_path)).graph.node]
+
+
+def matching_nodes(names: list[str], patterns: list[str]) -> list[str]:
     """Node names given exactly, or by a prefix ending in '/' ("/blocks.0/" = every node of
     EfficientNet block 0)."""
-    names = [n.name for n in onnx.load(str(model_path)).graph.node]
     return [n for n in names if any(n == p or (p.endswith("/") and n.startswith(p)) for p in patterns)]
 
 

@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from appliance.errors import ConfigError
 from appliance.scoring.onnx_backend import OnnxBackend
 from export.build_bundle import ExportGateError, ExportOptions, checkpoint_to_bundle
 from models import bundle as lib
@@ -85,10 +86,11 @@ def test_keep_fp32_takes_node_prefixes_and_leaves_those_nodes_in_float(tiny_bund
     import onnx
     from export import quantize
     fp32 = tiny_bundle[0] / "image_encoder.onnx"
-    block0 = quantize.matching_nodes(fp32, ["/blocks.0/"])
+    names = quantize.node_names(fp32)
+    block0 = quantize.matching_nodes(names, ["/blocks.0/"])
     assert block0 and all(n.startswith("/blocks.0/") for n in block0)
-    assert quantize.matching_nodes(fp32, [block0[0]]) == [block0[0]]       # an exact name
-    assert quantize.matching_nodes(fp32, ["/blocks.0"]) == []             # a prefix must end in '/'
+    assert quantize.matching_nodes(names, [block0[0]]) == [block0[0]]       # an exact name
+    assert quantize.matching_nodes(names, ["/blocks.0"]) == []             # a prefix must end in '/'
     rng = np.random.default_rng(0)
     size = onnx.load(str(fp32)).graph.input[0].type.tensor_type.shape.dim[-1].dim_value
     feeds = [{"image": rng.normal(size=(1, 1, size, size)).astype(np.float32)} for _ in range(40)]
@@ -109,5 +111,5 @@ def test_calibration_runs_in_chunks_that_divide_the_frames():
 
 def test_keep_fp32_that_names_no_node_is_a_clear_error(tiny_run, tmp_path):
     opts = ExportOptions(val_limit=16, calibration_frames=8, keep_fp32=("/no_such_block/",))
-    with pytest.raises(ExportGateError, match="--keep-fp32 /no_such_block/ names no node"):
+    with pytest.raises(ConfigError, match="--keep-fp32 /no_such_block/ names no node"):
         checkpoint_to_bundle(tiny_run[0], tmp_path / "b", opts)
