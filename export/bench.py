@@ -94,6 +94,12 @@ def _onnx_runner(bundle: Path, threads: int, int8: bool):
     return make, image_only
 
 
+def _timed_row(fn, frames: int, **keys) -> dict:
+    t = _timeit(fn, frames)
+    return {**keys, "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+            "fps": float(1000 / t.mean())}
+
+
 def measure_variant(variant: str, run_dir: Path, bundle: Path, frames: int) -> dict:
     rows = []
     for threads in (1, os.cpu_count() or 1):
@@ -102,21 +108,12 @@ def measure_variant(variant: str, run_dir: Path, bundle: Path, frames: int) -> d
             make, _ = _torch_runner(run_dir / sub, threads)
         else:
             make, image_only = _onnx_runner(bundle, threads, int8=variant == "onnx-int8")
-        for n in CANDIDATES:
-            t = _timeit(make(n), frames)
-            rows.append({"variant": variant, "threads": threads, "candidates": n,
-                         "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
-                         "fps": float(1000 / t.mean())})
+        row = dict(variant=variant, threads=threads)
+        rows += [_timed_row(make(n), frames, **row, candidates=n) for n in CANDIDATES]
         if not variant.startswith("torch"):
             camera_frame = np.random.default_rng(1).integers(0, 255, (CAMERA_PX, CAMERA_PX), np.uint8)
-            t = _timeit(make(16, camera_frame), frames)
-            rows.append({"variant": variant, "threads": threads, "candidates": 16, "from_px": CAMERA_PX,
-                         "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
-                         "fps": float(1000 / t.mean())})
-            t = _timeit(image_only, frames)
-            rows.append({"variant": variant, "threads": threads, "candidates": 0,
-                         "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
-                         "fps": float(1000 / t.mean()), "image_encoder_only": True})
+            rows.append(_timed_row(make(16, camera_frame), frames, **row, candidates=16, from_px=CAMERA_PX))
+            rows.append(_timed_row(image_only, frames, **row, candidates=0, image_encoder_only=True))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"rows": rows, "peak_rss_mb": peak_mb}
 
