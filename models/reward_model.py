@@ -111,12 +111,6 @@ class ImageEncoder(nn.Module):
         for block in self.blocks[: self.frozen_blocks]:
             yield from block.parameters()
 
-    def trunk_parameters(self):
-        """The EfficientNet parameters (started from ImageNet), frozen or not."""
-        yield from self.stem.parameters()
-        yield from self.bn0.parameters()
-        yield from self.blocks.parameters()
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         frozen = self.frozen_blocks > 0 and self.training
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):

@@ -46,7 +46,6 @@ class StageConfig:
     distill_alpha: float = 0.7        # distill: weight of the teacher term vs true pairs
     fact_loss: float = 0.0           # multimodal/distill: weight of the training-only fact head
                                       # (synthetic frames' type, cell, severity from the patches)
-    trunk_lr_scale: float = 1.0       # the pretrained EfficientNet trunk learns at lr * this
     max_steps_per_epoch: int | None = None
 
     def __post_init__(self):
@@ -56,9 +55,6 @@ class StageConfig:
             raise ConfigError(f"stage {self.name}: epochs, batch_size and lr must be positive")
         if self.fact_loss < 0 or (self.fact_loss and self.name == "text"):
             raise ConfigError(f"stage {self.name}: fact_loss must be >= 0 and is for image stages only")
-        if not 0 < self.trunk_lr_scale <= 1:
-            raise ConfigError(f"stage {self.name}: trunk_lr_scale must be in (0, 1] "
-                              f"(a fraction of lr for the pretrained image trunk)")
 
 
 @dataclass(frozen=True)

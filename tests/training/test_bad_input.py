@@ -42,8 +42,6 @@ def test_unknown_model_key_and_stage(tmp_path):
     ("data: {synthetic_negatives: 17}\nstages: [{name: text}]\n", "synthetic_negatives"),
     ("stages: [{name: text, fact_loss: 0.5}]\n", "fact_loss"),
     ("stages: [{name: multimodal, fact_loss: -1}]\n", "fact_loss"),
-    ("stages: [{name: multimodal, trunk_lr_scale: 0}]\n", "trunk_lr_scale"),
-    ("stages: [{name: multimodal, trunk_lr_scale: 2}]\n", "trunk_lr_scale"),
 ])
 def test_out_of_range_training_options_are_named(tmp_path, text, problem):
     bad = tmp_path / "bad.yaml"

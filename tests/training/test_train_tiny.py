@@ -90,19 +90,3 @@ def test_fact_loss_reaches_the_image_features_only():
     FactHead(cfg.grid, cfg.d_model)(patches, np.array([[0, 0, 0], [3, 5, 2]])).backward()
     assert model.image_encoder.project.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.text_encoder.parameters())
-
-
-def test_trunk_learns_at_its_fraction_of_the_learning_rate():
-    from models.reward_model import ModelConfig, RewardModel
-    from training.stages import FactHead, _param_groups
-    cfg = ModelConfig(image_size=64, d_model=32, text_heads=2, fusion_heads=2, summary_tokens=2,
-                      max_tokens=16, pretrained_image=False, frozen_blocks=3)
-    model, head = RewardModel(cfg), FactHead(cfg.grid, cfg.d_model)
-    trunk, rest = _param_groups([model, head], trunk_lr_scale=0.1)
-    assert trunk["lr_scale"] == 0.1 and rest["lr_scale"] == 1.0
-    trunk_ids = {id(p) for p in trunk["params"]}
-    assert trunk_ids == {id(p) for b in model.image_encoder.blocks[3:] for p in b.parameters()}
-    assert {id(p) for p in head.parameters()} <= {id(p) for p in rest["params"]}
-    assert id(model.image_encoder.project.weight) not in trunk_ids
-    everything = [p for m in (model, head) for p in m.parameters() if p.requires_grad]
-    assert len(trunk["params"]) + len(rest["params"]) == len(everything)
