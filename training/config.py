@@ -46,8 +46,6 @@ class StageConfig:
     distill_alpha: float = 0.7        # distill: weight of the teacher term vs true pairs
     fact_loss: float = 0.0           # multimodal/distill: weight of the training-only fact head
                                       # (synthetic frames' type, cell, severity from the patches)
-    ema: float = 0.0                  # > 0: validate and keep an exponential moving average of
-                                      # the weights with this decay per step (0 = the raw weights)
     max_steps_per_epoch: int | None = None
 
     def __post_init__(self):
@@ -57,8 +55,6 @@ class StageConfig:
             raise ConfigError(f"stage {self.name}: epochs, batch_size and lr must be positive")
         if self.fact_loss < 0 or (self.fact_loss and self.name == "text"):
             raise ConfigError(f"stage {self.name}: fact_loss must be >= 0 and is for image stages only")
-        if not 0 <= self.ema < 1:
-            raise ConfigError(f"stage {self.name}: ema is a decay per step, 0 (off) or between 0 and 1 (e.g. 0.995)")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
@@ -191,9 +190,7 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
     optim = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     wrapped = distributed.wrap(model)
     wrapped_head = distributed.wrap(head) if head is not None else None
-    ema = _ema_of(model, stage)
-    start, best, history = _resume(stage_dir / "checkpoint.pt", model, proxy, optim, head, ema)
-    kept = ema.module if ema is not None else model    # the weights validated and kept
+    start, best, history = _resume(stage_dir / "checkpoint.pt", model, proxy, optim, head)
     initial = _trainable_snapshot(trained)
     step_fn = STEPS[stage.name]
     for epoch in range(start, stage.epochs):
@@ -214,22 +211,20 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
-            if ema is not None:
-                ema.update_parameters(model)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        val = pairwise_accuracy(kept, enc, val_sets, seed=seed, blank=stage.name == "text")
+        val = pairwise_accuracy(model, enc, val_sets, seed=seed, blank=stage.name == "text")
         window = max(1, len(losses) // 5)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_pairwise_accuracy": val,
                         "loss_first": float(np.mean(losses[:window])),
                         "loss_last": float(np.mean(losses[-window:]))})
         if best is None or val >= best["val_pairwise_accuracy"]:
-            best = {**history[-1], "model": copy.deepcopy(kept.state_dict()),
+            best = {**history[-1], "model": copy.deepcopy(model.state_dict()),
                     "proxy": copy.deepcopy(proxy.state_dict()) if proxy is not None else None}
         if distributed.is_main():
             print(f"[{stage.name}] epoch {epoch + 1}: loss {history[-1]['loss']:.4f}  "
                   f"val pairwise accuracy {val:.4f}", flush=True)
-            _save_checkpoint(stage_dir / "checkpoint.pt", epoch + 1, model, proxy, optim, best, history, head, ema)
+            _save_checkpoint(stage_dir / "checkpoint.pt", epoch + 1, model, proxy, optim, best, history, head)
     model.load_state_dict(best["model"])
     if proxy is not None and best["proxy"] is not None:
         proxy.load_state_dict(best["proxy"])
@@ -256,17 +251,8 @@ def _count_steps(sets, stage: StageConfig) -> int:
     return min(n, stage.max_steps_per_epoch) if stage.max_steps_per_epoch else n
 
 
-def _ema_of(model: RewardModel, stage: StageConfig) -> AveragedModel | None:
-    """An exponential moving average of the weights (batch-norm statistics included):
-    small-data validation accuracy swings a few points from epoch to epoch, the average less."""
-    if not stage.ema:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(stage.ema), use_buffers=True)
-
-
-def _save_checkpoint(path: Path, epoch, model, proxy, optim, best, history, head=None, ema=None):
+def _save_checkpoint(path: Path, epoch, model, proxy, optim, best, history, head=None):
     state = {"epoch": epoch, "model": model.state_dict(), "optim": optim.state_dict(),
-             "ema": ema.state_dict() if ema is not None else None,
              "proxy": proxy.state_dict() if proxy is not None else None,
              "fact_head": head.state_dict() if head is not None else None,
              "best": best, "history": history}
@@ -275,7 +261,7 @@ def _save_checkpoint(path: Path, epoch, model, proxy, optim, best, history, head
     tmp.replace(path)
 
 
-def _resume(path: Path, model, proxy, optim, head=None, ema=None):
+def _resume(path: Path, model, proxy, optim, head=None):
     if not path.exists():
         return 0, None, []
     state = torch.load(path, weights_only=False)
@@ -284,8 +270,6 @@ def _resume(path: Path, model, proxy, optim, head=None, ema=None):
         proxy.load_state_dict(state["proxy"])
     if head is not None and state.get("fact_head") is not None:
         head.load_state_dict(state["fact_head"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
     optim.load_state_dict(state["optim"])
     print(f"resuming from {path} after epoch {state['epoch']}", flush=True)
     return state["epoch"], state["best"], state["history"]
