@@ -12,6 +12,7 @@ from appliance.errors import ConfigError
 from models.reward_model import STUDENT, TEACHER, ModelConfig
 
 STAGE_NAMES = ("text", "multimodal", "distill", "fleet")
+SELECT_BY = {"pairwise": "val_pairwise_accuracy", "elpv_binary": "val_elpv_binary_accuracy"}
 FLEET_STAGES = ("fleet", "distill")   # `linejudge hq retrain` configs: exactly these, in order
 
 
@@ -47,6 +48,8 @@ class StageConfig:
     fact_loss: float = 0.0           # multimodal/distill: weight of the training-only fact head
                                       # (synthetic frames' type, cell, severity from the patches)
     max_steps_per_epoch: int | None = None
+    select: str = "pairwise"          # which epoch is kept: best val pairwise accuracy, or
+                                      # best val ELPV binary accuracy ("elpv_binary", image stages)
 
     def __post_init__(self):
         if self.name not in STAGE_NAMES:
@@ -55,6 +58,9 @@ class StageConfig:
             raise ConfigError(f"stage {self.name}: epochs, batch_size and lr must be positive")
         if self.fact_loss < 0 or (self.fact_loss and self.name == "text"):
             raise ConfigError(f"stage {self.name}: fact_loss must be >= 0 and is for image stages only")
+        if self.select not in SELECT_BY or (self.select != "pairwise" and self.name not in ("multimodal", "distill")):
+            raise ConfigError(f"stage {self.name}: select must be one of {', '.join(SELECT_BY)} "
+                              f"(elpv_binary is for the multimodal and distill stages), got {self.select!r}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,8 @@ class TrainConfig:
             raise ConfigError(f"a fleet retraining config has exactly the stages {list(FLEET_STAGES)}, got {names}")
         if "distill" in names and names[-1] != "distill":
             raise ConfigError("distill must be the last stage (it needs the finished teacher)")
+        if any(s.select == "elpv_binary" for s in self.stages) and not self.data.use_elpv:
+            raise ConfigError("select: elpv_binary needs ELPV validation cells: set data.use_elpv: true")
 
     def hash(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()

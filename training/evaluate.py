@@ -132,6 +132,12 @@ def elpv_metrics(scores: np.ndarray, data) -> dict:
     return m, ordered
 
 
+def elpv_binary_accuracy(model: RewardModel, enc: Encoder, data) -> float:
+    """One model's ELPV binary accuracy (defective when p >= 0.5) on one ELPV set."""
+    scores = score_fixed_candidates(model, enc, data.images, data.catalog.displays)
+    return elpv_metrics(scores, data)[0]["elpv_binary_accuracy"]
+
+
 def _confusion(truth, pred, k) -> np.ndarray:
     out = np.zeros((k, k), int)
     np.add.at(out, (truth, pred), 1)

@@ -2,7 +2,7 @@
 
 Each stage is a loop over candidate-set batches with one loss function. The loop shows a
 progress bar with loss and ETA, keeps the epoch with the best validation pairwise accuracy
-(validation never includes ELPV test cells), checkpoints after every epoch and resumes
+or, with `select: elpv_binary`, ELPV binary accuracy (validation never includes ELPV test cells), checkpoints after every epoch and resumes
 from the last checkpoint when the run is started again.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
 from models.reward_model import RewardModel, bradley_terry_loss, minilm_dir, save_model
-from training.config import StageConfig
+from training.config import SELECT_BY, StageConfig
 from training.data.batches import CandidateSet, iterate_batches
 from training.data.synthetic import FACT_CLASSES
 from training import distributed
@@ -173,8 +173,12 @@ def _mixed_batches(sets, batch_size, rng, max_steps):
 
 def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, val_sets,
               out_dir: Path, seed: int, proxy: RewardModel | None = None,
-              teacher: RewardModel | None = None) -> dict:
-    """Train one stage into out_dir/<stage>; resumes from its checkpoint; returns metrics."""
+              teacher: RewardModel | None = None,
+              val_extra: Callable[[RewardModel], dict] | None = None) -> dict:
+    """Train one stage into out_dir/<stage>; resumes from its checkpoint; returns metrics.
+
+    val_extra(model) adds more validation figures to each epoch's history (e.g. ELPV binary
+    accuracy); stage.select names the figure that picks the epoch kept."""
     stage_dir = Path(out_dir) / stage.name
     done = stage_dir / "done.json"
     if done.exists():  # finished earlier: reload and move on
@@ -217,13 +221,15 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
         window = max(1, len(losses) // 5)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_pairwise_accuracy": val,
                         "loss_first": float(np.mean(losses[:window])),
-                        "loss_last": float(np.mean(losses[-window:]))})
-        if best is None or val >= best["val_pairwise_accuracy"]:
+                        "loss_last": float(np.mean(losses[-window:])),
+                        **(val_extra(model) if val_extra is not None else {})})
+        key = SELECT_BY[stage.select]
+        if best is None or history[-1][key] >= best.get(key, -np.inf):
             best = {**history[-1], "model": copy.deepcopy(model.state_dict()),
                     "proxy": copy.deepcopy(proxy.state_dict()) if proxy is not None else None}
         if distributed.is_main():
-            print(f"[{stage.name}] epoch {epoch + 1}: loss {history[-1]['loss']:.4f}  "
-                  f"val pairwise accuracy {val:.4f}", flush=True)
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k.startswith("val_"))
+            print(f"[{stage.name}] epoch {epoch + 1}: loss {history[-1]['loss']:.4f}  {shown}", flush=True)
             _save_checkpoint(stage_dir / "checkpoint.pt", epoch + 1, model, proxy, optim, best, history, head)
     model.load_state_dict(best["model"])
     if proxy is not None and best["proxy"] is not None:
@@ -232,7 +238,8 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
                  if n in initial and torch.equal(p, initial[n])] if start == 0 else []
     metrics = {"stage": stage.name, "config": asdict(stage), "history": history,
                "unchanged_parameters": unchanged,
-               "best_epoch": best["epoch"], "val_pairwise_accuracy": best["val_pairwise_accuracy"]}
+               "best_epoch": best["epoch"], "selected_by": SELECT_BY[stage.select],
+               **{k: v for k, v in best.items() if k.startswith("val_")}}
     if distributed.is_main():
         save_model(model, stage_dir / "model")
         if proxy is not None:

@@ -23,7 +23,8 @@ from models.reward_model import RewardModel
 from training import distributed
 from training.config import TrainConfig
 from training.data import elpv
-from training.data.batches import CandidateSet, elpv_set, synthetic_set
+from training.data.batches import CandidateSet, ElpvSet, elpv_set, synthetic_set
+from training.evaluate import elpv_binary_accuracy
 from training.data.text_pairs import text_preference_pairs
 from training.stages import Encoder, run_stage
 
@@ -136,7 +137,8 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
             proxy = copy.deepcopy(teacher)
         elif stage.name == "multimodal":
             proxy = proxy if proxy is not None else copy.deepcopy(teacher)
-            metrics = run_stage(stage, teacher, enc, data["train"], data["val"], out, cfg.seed, proxy=proxy)
+            metrics = run_stage(stage, teacher, enc, data["train"], data["val"], out, cfg.seed, proxy=proxy,
+                                val_extra=elpv_val_figures(data["val"], enc))
         else:
             torch.manual_seed(cfg.seed + 7)
             student = RewardModel(cfg.student)
@@ -144,7 +146,8 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
             if hasattr(student.text_encoder, "init_from_minilm"):
                 student.text_encoder.init_from_minilm(_minilm_word_embeddings())
             teacher.eval()
-            metrics = run_stage(stage, student, enc, data["train"], data["val"], out, cfg.seed, teacher=teacher)
+            metrics = run_stage(stage, student, enc, data["train"], data["val"], out, cfg.seed, teacher=teacher,
+                                val_extra=elpv_val_figures(data["val"], enc))
         summary["stages"].append({k: v for k, v in metrics.items() if k != "config"})
     summary["parameters"] = {"teacher": teacher.parameter_count(),
                              "student": student.parameter_count() if student else None}
@@ -152,6 +155,14 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
     if distributed.is_main():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def elpv_val_figures(val_sets, enc: Encoder):
+    """model -> {"val_elpv_binary_accuracy": ...} on the ELPV validation cells, if there are any."""
+    cells = [s for s in val_sets if isinstance(s, ElpvSet)]
+    if not cells:
+        return None
+    return lambda model: {"val_elpv_binary_accuracy": elpv_binary_accuracy(model, enc, cells[0])}
 
 
 def _minilm_word_embeddings() -> torch.Tensor:

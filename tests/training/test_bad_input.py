@@ -42,6 +42,9 @@ def test_unknown_model_key_and_stage(tmp_path):
     ("data: {synthetic_negatives: 17}\nstages: [{name: text}]\n", "synthetic_negatives"),
     ("stages: [{name: text, fact_loss: 0.5}]\n", "fact_loss"),
     ("stages: [{name: multimodal, fact_loss: -1}]\n", "fact_loss"),
+    ("stages: [{name: multimodal, select: loss}]\n", "select"),
+    ("stages: [{name: text, select: elpv_binary}]\n", "select"),
+    ("data: {use_elpv: false}\nstages: [{name: multimodal, select: elpv_binary}]\n", "use_elpv"),
 ])
 def test_out_of_range_training_options_are_named(tmp_path, text, problem):
     bad = tmp_path / "bad.yaml"

@@ -23,6 +23,31 @@ def test_every_stage_trains_every_parameter_and_lowers_the_loss(tiny_run):
         assert (out / rel / "model.safetensors").exists()
 
 
+def test_image_stages_keep_the_epoch_their_select_figure_names(tiny_run):
+    """History logs val ELPV binary accuracy per epoch; the saved model is the selected epoch's."""
+    from appliance.preprocess import PreprocessSpec
+    from models.reward_model import load_model
+    from training.config import SELECT_BY
+    from training.data.batches import elpv_set
+    from training.evaluate import elpv_binary_accuracy
+    from training.stages import Encoder
+    out, summary = tiny_run
+    cfg = load_config(TINY)
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert stages["distill"]["selected_by"] == SELECT_BY["elpv_binary"]
+    assert stages["multimodal"]["selected_by"] == SELECT_BY["pairwise"]
+    for name in ("multimodal", "distill"):
+        history, key = stages[name]["history"], stages[name]["selected_by"]
+        figures = [h[key] for h in history]
+        assert all(0 <= h["val_elpv_binary_accuracy"] <= 1 for h in history), name
+        kept = max(i for i, f in enumerate(figures) if f == max(figures)) + 1   # ties: the later epoch
+        assert stages[name]["best_epoch"] == kept, name
+    model = load_model(out / "distill" / "model")
+    val = elpv_set("val", model.config.image_size, cfg.data.elpv_val_limit, cfg.data.elpv_types, cfg.seed)
+    enc = Encoder(PreprocessSpec(model.config.image_size, max_tokens=model.config.max_tokens))
+    assert elpv_binary_accuracy(model, enc, val) == stages["distill"]["val_elpv_binary_accuracy"]
+
+
 def test_test_split_never_reaches_training(tiny_run):
     out, _ = tiny_run
     used = set(json.loads((out / "train_ids.json").read_text())["elpv_ids"])
