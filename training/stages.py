@@ -2,8 +2,9 @@
 
 Each stage is a loop over candidate-set batches with one loss function. The loop shows a
 progress bar with loss and ETA, keeps the epoch with the best validation pairwise accuracy
-or, with `select: elpv_binary`, ELPV binary accuracy (validation never includes ELPV test cells), checkpoints after every epoch and resumes
-from the last checkpoint when the run is started again.
+or, with `select: elpv_binary`, ELPV binary accuracy (validation never includes ELPV test
+cells), checkpoints after every epoch and resumes from the last checkpoint when the run is
+started again.
 """
 from __future__ import annotations
 
