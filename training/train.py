@@ -24,8 +24,8 @@ from training import distributed
 from training.config import TrainConfig
 from training.data import elpv
 from training.data.batches import CandidateSet, ElpvSet, elpv_set, synthetic_set
-from training.evaluate import elpv_binary_accuracy
 from training.data.text_pairs import text_preference_pairs
+from training.evaluate import elpv_binary_accuracy
 from training.stages import Encoder, run_stage
 
 
@@ -131,6 +131,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
     proxy = student = None
     summary = {"config": cfg.name, "config_hash": cfg.hash(), "stages": [],
                "sizes": {k: len(v) for k, v in ((s.name, s) for s in data["train"] + data["val"])}}
+    elpv_val = elpv_val_figures(data["val"], enc)
     for stage in cfg.stages:
         if stage.name == "text":
             metrics = run_stage(stage, teacher, enc, data["text_train"], data["text_val"], out, cfg.seed)
@@ -138,7 +139,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
         elif stage.name == "multimodal":
             proxy = proxy if proxy is not None else copy.deepcopy(teacher)
             metrics = run_stage(stage, teacher, enc, data["train"], data["val"], out, cfg.seed, proxy=proxy,
-                                val_extra=elpv_val_figures(data["val"], enc))
+                                val_extra=elpv_val)
         else:
             torch.manual_seed(cfg.seed + 7)
             student = RewardModel(cfg.student)
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
                 student.text_encoder.init_from_minilm(_minilm_word_embeddings())
             teacher.eval()
             metrics = run_stage(stage, student, enc, data["train"], data["val"], out, cfg.seed, teacher=teacher,
-                                val_extra=elpv_val_figures(data["val"], enc))
+                                val_extra=elpv_val)
         summary["stages"].append({k: v for k, v in metrics.items() if k != "config"})
     summary["parameters"] = {"teacher": teacher.parameter_count(),
                              "student": student.parameter_count() if student else None}
