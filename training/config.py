@@ -50,8 +50,6 @@ class StageConfig:
     max_steps_per_epoch: int | None = None
     select: str = "pairwise"          # which epoch is kept: best val pairwise accuracy, or
                                       # best val ELPV binary accuracy ("elpv_binary", image stages)
-    defective_weight: float = 1.0     # multimodal: weight of defective ELPV cells' pairs against
-                                      # functional ones (about 2.2 balances the train part)
 
     def __post_init__(self):
         if self.name not in STAGE_NAMES:
@@ -63,9 +61,6 @@ class StageConfig:
         if self.select not in SELECT_BY or (self.select != "pairwise" and self.name not in ("multimodal", "distill")):
             raise ConfigError(f"stage {self.name}: select must be one of {', '.join(SELECT_BY)} "
                               f"(elpv_binary is for the multimodal and distill stages), got {self.select!r}")
-        if self.defective_weight <= 0 or (self.defective_weight != 1.0 and self.name != "multimodal"):
-            raise ConfigError(f"stage {self.name}: defective_weight must be > 0 and is for the "
-                              f"multimodal stage only, got {self.defective_weight}")
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,6 @@ class TrainBatch(NamedTuple):
     texts: list[str]            # B*C, the right candidate first in each group of C
     c: int
     labels: np.ndarray | None   # (B, 3) synthetic type/location/severity classes, else None
-    defective: np.ndarray | None = None   # (B,) ELPV binary labels, else None
 
 
 class FactHead(nn.Module):
@@ -95,19 +94,10 @@ def centring(r: torch.Tensor) -> torch.Tensor:
     return (r ** 2).mean()
 
 
-def class_weights(batch: TrainBatch, stage: StageConfig) -> torch.Tensor:
-    """(B, 1) frame weights: defective ELPV cells count stage.defective_weight times a
-    functional one (class balance; defective cells are 31 % of ELPV). Mean 1 per batch."""
-    if batch.defective is None or stage.defective_weight == 1.0:
-        return torch.ones(len(batch.frames), 1)
-    w = torch.from_numpy(np.where(batch.defective, stage.defective_weight, 1.0)).float()[:, None]
-    return w / w.mean()
-
-
 # ------------------------------------------------------------------ loss per stage
 def text_step(model, proxy, teacher, head, enc, stage: StageConfig, batch: TrainBatch):
     """Text-only pairs (blank frame): specific, consistent over vague or contradictory."""
-    frames, texts, c = batch.frames, batch.texts, batch.c
+    frames, texts, c, _ = batch
     r = rewards(model, enc, frames, texts, c, blank=True)
     return pair_losses(r).mean() + stage.centring * centring(r)
 
@@ -120,22 +110,22 @@ def multimodal_step(model, proxy, teacher, head, enc, stage: StageConfig, batch:
     Weights are divided by their batch mean, so they reweight pairs against each other
     without also shrinking the overall learning rate (our deviation from the paper).
     """
-    frames, texts, c = batch.frames, batch.texts, batch.c
+    frames, texts, c, _ = batch
     r_m, patches = rewards(model, enc, frames, texts, c, with_patches=True)
-    loss_m, frame_weight = pair_losses(r_m), class_weights(batch, stage)
+    loss_m = pair_losses(r_m)
     facts = fact_term(head, patches, batch, stage)
     if not stage.shortcut_weighting or proxy is None:
-        return (frame_weight * loss_m).mean() + stage.centring * centring(r_m) + facts
+        return loss_m.mean() + stage.centring * centring(r_m) + facts
     r_t = rewards(proxy, enc, frames, texts, c, blank=True)
     loss_t = pair_losses(r_t)
     weight = (loss_t / (loss_m + loss_t + 1e-8)).detach()
     weight = weight / weight.mean().clamp_min(1e-6)   # relative weights: keep the step size
-    return (frame_weight * weight * loss_m + loss_t).mean() + stage.centring * (centring(r_m) + centring(r_t)) + facts
+    return (weight * loss_m + loss_t).mean() + stage.centring * (centring(r_m) + centring(r_t)) + facts
 
 
 def distill_step(student, proxy, teacher, head, enc, stage: StageConfig, batch: TrainBatch):
     """Match the teacher's preference distribution over each candidate set + true pairs."""
-    frames, texts, c = batch.frames, batch.texts, batch.c
+    frames, texts, c, _ = batch
     r_s, patches = rewards(student, enc, frames, texts, c, with_patches=True)
     with torch.no_grad():
         r_t = rewards(teacher, enc, frames, texts, c)
@@ -179,7 +169,7 @@ def _mixed_batches(sets, batch_size, rng, max_steps):
         batch = next(iterators[k], None)
         if batch is not None:
             frames, texts, c, idx = batch
-            yield TrainBatch(frames, texts, c, sets[k].fact_labels(idx), sets[k].defective(idx))
+            yield TrainBatch(frames, texts, c, sets[k].fact_labels(idx))
 
 
 def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, val_sets,

@@ -45,8 +45,6 @@ def test_unknown_model_key_and_stage(tmp_path):
     ("stages: [{name: multimodal, select: loss}]\n", "select"),
     ("stages: [{name: text, select: elpv_binary}]\n", "select"),
     ("data: {use_elpv: false}\nstages: [{name: multimodal, select: elpv_binary}]\n", "use_elpv"),
-    ("stages: [{name: multimodal, defective_weight: 0}]\n", "defective_weight"),
-    ("stages: [{name: distill, defective_weight: 2}]\n", "defective_weight"),
 ])
 def test_out_of_range_training_options_are_named(tmp_path, text, problem):
     bad = tmp_path / "bad.yaml"

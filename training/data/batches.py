@@ -47,10 +47,6 @@ class CandidateSet:
         """(B, 3) type/location/severity classes where the frame's facts are known, else None."""
         return None
 
-    def defective(self, idx: np.ndarray) -> np.ndarray | None:
-        """(B,) True for frames labelled defective where a binary label exists, else None."""
-        return None
-
 
 @dataclass
 class ElpvSet(CandidateSet):
@@ -60,9 +56,6 @@ class ElpvSet(CandidateSet):
 
     def truth(self, i: int) -> int:
         return entry_index(self.catalog, int(self.levels[i]), self.types[i])
-
-    def defective(self, idx):
-        return np.array([elpv.LEVELS[self.levels[i]] >= 0.5 for i in idx])
 
     def texts(self, i, rng, heldout=False, display=False):
         """The right entry first, then every other entry, one phrasing each."""
