@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from appliance.errors import ConfigError
 from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
 from models.reward_model import RewardModel, bradley_terry_loss, minilm_dir, save_model
 from training.config import SELECT_BY, StageConfig
@@ -180,6 +181,9 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
 
     val_extra(model) adds more validation figures to each epoch's history (e.g. ELPV binary
     accuracy); stage.select names the figure that picks the epoch kept."""
+    if stage.select != "pairwise" and val_extra is None:
+        raise ConfigError(f"stage {stage.name}: select: {stage.select} needs ELPV validation cells, and this "
+                          f"run has none; set data.use_elpv: true")
     stage_dir = Path(out_dir) / stage.name
     done = stage_dir / "done.json"
     if done.exists():  # finished earlier: reload and move on

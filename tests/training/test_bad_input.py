@@ -53,6 +53,15 @@ def test_out_of_range_training_options_are_named(tmp_path, text, problem):
         load_config(bad)
 
 
+def test_selecting_by_elpv_without_elpv_figures_is_named_before_training(tmp_path):
+    """A stage run without ELPV validation figures (e.g. a fleet retraining) cannot select by them."""
+    from training.config import StageConfig
+    from training.stages import run_stage
+    with pytest.raises(ConfigError, match="needs ELPV validation cells"):
+        run_stage(StageConfig("distill", select="elpv_binary"), None, None, [], [], tmp_path, seed=0)
+    assert not (tmp_path / "distill").exists()
+
+
 def test_missing_and_corrupt_images(tmp_path):
     with pytest.raises(BadFrame, match="does not exist"):
         read_image(tmp_path / "nope.png")

@@ -31,7 +31,8 @@ from training.data import elpv
 from training.data.batches import CandidateSet, el_catalog, entry_index
 from training.hq import server as hq
 from training.stages import Encoder, pairwise_accuracy, run_stage
-from training.train import claim_run_dir, build_data, check_no_test_cells, preprocess_spec, seed_everything
+from training.train import (claim_run_dir, build_data, check_no_test_cells, elpv_val_figures, preprocess_spec,
+                            seed_everything)
 
 
 class RetrainError(LinejudgeError):
@@ -171,9 +172,12 @@ def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
     before = measure(student, enc, data["val"], heldout, golden_cells)
 
     fleet_stage, distill_stage = cfg.stages
-    stages = [run_stage(fleet_stage, teacher, enc, train_sets, data["val"], out, cfg.seed, proxy=proxy)]
+    elpv_val = elpv_val_figures(data["val"], enc)
+    stages = [run_stage(fleet_stage, teacher, enc, train_sets, data["val"], out, cfg.seed, proxy=proxy,
+                        val_extra=elpv_val)]
     teacher.eval()
-    stages.append(run_stage(distill_stage, student, enc, train_sets, data["val"], out, cfg.seed, teacher=teacher))
+    stages.append(run_stage(distill_stage, student, enc, train_sets, data["val"], out, cfg.seed, teacher=teacher,
+                            val_extra=elpv_val))
     after = measure(student, enc, data["val"], heldout, golden_cells)
 
     report = {"base_run": str(base), "config": cfg.name, "fleet_pairs": len(train_pairs),
