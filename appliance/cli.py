@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from appliance.errors import LinejudgeError
+from appliance.errors import ConfigError, LinejudgeError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -123,6 +123,13 @@ def cmd_bundle(args) -> int:
         print(f"private key {private} (keep it at HQ)\npublic key  {public} (give it to appliances)")
     elif args.action == "sign":
         print(f"signed {lib.sign_bundle(args.bundle, args.key, args.key_id)}")
+    elif args.action == "recalibrate":
+        if not args.key:
+            raise ConfigError("recalibrate rewrites the manifest, so it must sign it again: pass --key "
+                              "(the HQ private key) and --key-id")
+        from export.build_bundle import recalibrate_bundle
+        thresholds = recalibrate_bundle(Path(args.bundle), args.key, args.key_id)["thresholds"]
+        print(json.dumps(thresholds, indent=2))
     else:
         keys = lib.load_public_keys(args.trust or _default_trust(args.bundle))
         manifest = lib.verify_bundle(args.bundle, keys, installed_version=args.installed_version,
@@ -197,10 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bundle", help="bundle keys, signing and verification")
-    p.add_argument("action", choices=("keygen", "sign", "verify"))
-    p.add_argument("bundle", nargs="?", help="bundle directory (sign, verify)")
+    p.add_argument("action", choices=("keygen", "sign", "verify", "recalibrate"),
+                   help="recalibrate: derive the decide thresholds again on val and sign the manifest")
+    p.add_argument("bundle", nargs="?", help="bundle directory (sign, verify, recalibrate)")
     p.add_argument("--out", default="keys", help="keygen: where to write the key pair")
-    p.add_argument("--key", help="sign: private key file")
+    p.add_argument("--key", help="sign, recalibrate: private key file")
     p.add_argument("--key-id", default="hq", help="key id")
     p.add_argument("--trust", nargs="*", help="verify: trusted public key files (default: models/keys/*.pub)")
     p.add_argument("--installed-version", type=int, help="verify: reject versions not above this")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from appliance.decide import THRESHOLD_NAMES
 from appliance.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +48,9 @@ class ApplianceConfig:
             raise ConfigError(f"port {self.port} is not a TCP port")
         if self.backend not in ("onnxruntime", "tensorrt"):
             raise ConfigError(f"backend must be onnxruntime or tensorrt, not {self.backend!r}")
-        unknown = set(self.thresholds) - {"p_best", "ood_distance", "image_reliance"}
+        unknown = set(self.thresholds) - set(THRESHOLD_NAMES)
         if unknown:
-            raise ConfigError(f"unknown thresholds {sorted(unknown)}; use p_best, ood_distance, image_reliance")
+            raise ConfigError(f"unknown thresholds {sorted(unknown)}; use {', '.join(THRESHOLD_NAMES)}")
         self._check_sync()
 
     def _check_sync(self) -> None:

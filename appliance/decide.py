@@ -1,10 +1,14 @@
 """From rewards to a verdict and, when the model is unsure, a flag with its reasons.
 
-Three reasons to flag, each against a runtime threshold (defaults in the bundle manifest):
+Four reasons to flag, each against a runtime threshold (defaults in the bundle manifest):
   * low confidence: P(best beats runner-up) = sigmoid(r1 - r2) below `p_best`
   * out of distribution: the frame's mean image feature is far from the training frames'
   * low image reliance: the rewards barely change when the frame is replaced by a blank
     one, so the ranking is being decided by the text alone
+  * possible defect: the verdict says defect-free, but the candidates that name a defect
+    together hold at least `p_defect` of the probability (softmax of the rewards). A missed
+    defect costs more than a review, and it is where the model errs (off when the bundle or
+    the config sets no `p_defect`, or when the candidates' facts are unknown)
 """
 from __future__ import annotations
 
@@ -13,15 +17,19 @@ from dataclasses import dataclass
 import numpy as np
 
 
+THRESHOLD_NAMES = ("p_best", "ood_distance", "image_reliance", "p_defect")
+
+
 @dataclass(frozen=True)
 class Thresholds:
     p_best: float = 0.75
     ood_distance: float = 3.0
     image_reliance: float = 0.05
+    p_defect: float | None = None
 
     @classmethod
     def from_manifest(cls, data: dict, **overrides) -> "Thresholds":
-        values = {k: float(data[k]) for k in ("p_best", "ood_distance", "image_reliance") if k in data}
+        values = {k: float(data[k]) for k in THRESHOLD_NAMES if data.get(k) is not None}
         values.update({k: float(v) for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -50,6 +58,12 @@ def p_best(rewards: np.ndarray) -> float:
     return sigmoid(top2[1] - top2[0])
 
 
+def p_defect(rewards: np.ndarray, defective: np.ndarray) -> float:
+    """Probability (softmax of the rewards) that the right candidate is one naming a defect."""
+    p = np.exp(rewards - rewards.max())
+    return float(p[np.asarray(defective, bool)].sum() / p.sum())
+
+
 def frame_vector(patches: np.ndarray) -> np.ndarray:
     """(P,d) or (B,P,d) patch features -> mean feature per frame."""
     return patches.mean(axis=-2)
@@ -69,7 +83,8 @@ def image_reliance(rewards: np.ndarray, blank_rewards: np.ndarray) -> float:
 
 
 def decide(texts: list[str], rewards: np.ndarray, blank_rewards: np.ndarray, patches: np.ndarray,
-           thresholds: Thresholds, ood: dict) -> Decision:
+           thresholds: Thresholds, ood: dict, defective: list[bool | None] | None = None) -> Decision:
+    """`defective[i]`: whether candidate i names a defect (None: unknown, e.g. free text)."""
     order = np.argsort(-rewards)
     ranking = [(texts[i], float(rewards[i])) for i in order]
     confidence = p_best(rewards)
@@ -85,5 +100,16 @@ def decide(texts: list[str], rewards: np.ndarray, blank_rewards: np.ndarray, pat
     if reliance < thresholds.image_reliance:
         reasons.append(f"image barely matters: reliance {reliance:.3f} "
                        f"(threshold {thresholds.image_reliance:.3f})")
+    reasons += _possible_defect(rewards, int(order[0]), thresholds, defective)
     return Decision(ranking[0][0], ranking[0][1], confidence, ranking, bool(reasons), reasons,
                     distance, reliance)
+
+
+def _possible_defect(rewards, best: int, thresholds: Thresholds, defective) -> list[str]:
+    if thresholds.p_defect is None or defective is None or defective[best] is not False:
+        return []
+    chance = p_defect(rewards, [d is True for d in defective])
+    if chance < thresholds.p_defect:
+        return []
+    return [f"possible defect: {chance:.0%} chance of a defect behind a defect-free verdict "
+            f"(threshold {thresholds.p_defect:.0%})"]

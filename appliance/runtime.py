@@ -54,6 +54,8 @@ class ModelRuntime:
         self.catalog_features = np.load(self.bundle_dir / "catalog_embeddings.npy")
         if len(self.catalog_features) != len(self.catalog.entries):
             raise ModelError(f"bundle {self.bundle_dir}: catalog_embeddings.npy does not match catalog.yaml")
+        self._defective = {e.display: None if e.facts.get("defective") is None else bool(e.facts["defective"])
+                           for e in self.catalog.entries}
         self.blank_patches = self.backend.image_features(blank_input(self.spec))
         self._free_text: dict[str, np.ndarray] = {}   # free-text features, bounded cache
         self._blank_rewards: dict[tuple[str, ...], np.ndarray] = {}
@@ -83,7 +85,8 @@ class ModelRuntime:
         patches = self.backend.image_features(frame_to_input(frame, self.spec))
         rewards = self.backend.rewards(patches, features)[0]
         blank = self._blank_rewards_for(texts, features)
-        decision = decide(texts, rewards, blank, patches[0], self.thresholds, self.ood)
+        defective = [self._defective.get(t) for t in texts]
+        decision = decide(texts, rewards, blank, patches[0], self.thresholds, self.ood, defective)
         return Judgement(decision, texts, rewards, (time.perf_counter() - started) * 1000, self.version)
 
     def _blank_rewards_for(self, texts: list[str], features: np.ndarray) -> np.ndarray:

@@ -127,6 +127,24 @@ def checkpoint_to_bundle(checkpoint: Path, out: Path, opts: ExportOptions) -> di
     return manifest
 
 
+def recalibrate_bundle(bundle: Path, key: Path, key_id: str) -> dict:
+    """Derive an exported bundle's decide thresholds and OOD statistics again on val with its
+    INT8 graphs, as export does, and sign the new manifest: a change of threshold policy
+    without a new export. Graphs and files stay as they are; lineage records the step."""
+    bundle = Path(bundle)
+    manifest = json.loads((bundle / bundle_lib.MANIFEST).read_text())
+    spec = PreprocessSpec.from_dict(manifest["preprocessing"])
+    tokenizer = TextTokenizer(bundle / "tokenizer.json", spec.max_tokens)
+    stats = decide_stats.calibrate(OnnxBackend(bundle, int8=True), tokenizer, spec,
+                                   elpv_set("val", spec.image_size), load_catalog(bundle / "catalog.yaml"))
+    lineage = {**manifest["lineage"], "recalibrated": {"by": "linejudge bundle recalibrate",
+                                                       "at": bundle_lib.iso_now()}}
+    manifest = {**manifest, "thresholds": stats["thresholds"], "ood": stats["ood"], "lineage": lineage}
+    bundle_lib.write_manifest(bundle, manifest)
+    bundle_lib.sign_bundle(bundle, key, key_id)
+    return manifest
+
+
 def input_spec(spec: PreprocessSpec) -> dict:
     return {"image": [1, spec.image_size, spec.image_size], "dtype": "float32",
             "max_tokens": spec.max_tokens}

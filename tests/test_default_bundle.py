@@ -41,3 +41,25 @@ def test_default_bundle_passes_its_golden_check(manifest):
     runtime = ModelRuntime(DEFAULT_BUNDLE, manifest, threads=2)
     check = runtime.golden_check()
     assert check["ok"], check["failures"][:3]
+
+
+def test_possible_defect_flags_use_the_catalog_facts_and_a_config_threshold(manifest):
+    """Defect-free verdicts are flagged as possible defects once the config sets p_defect;
+    free-text candidates (facts unknown) never trigger it; an unknown threshold name is refused."""
+    import cv2
+    from appliance.config import config_from_dict
+    from appliance.errors import ConfigError
+    from appliance.runtime import ModelRuntime
+    from training.data import elpv
+    cfg = config_from_dict({"thresholds": {"p_defect": 0.0, "p_best": 0.0}})
+    runtime = ModelRuntime(DEFAULT_BUNDLE, manifest, thresholds=cfg.thresholds, threads=2)
+    functional = next(c for c in elpv.cells_for("val") if c.level == 0)
+    d = runtime.judge(cv2.imread(str(functional.path), cv2.IMREAD_GRAYSCALE)).decision
+    defect_free = {e.display for e in runtime.catalog.entries if not e.facts["defective"]}
+    assert d.verdict in defect_free
+    assert any(r.startswith("possible defect") for r in d.reasons)
+    free_text = runtime.judge(cv2.imread(str(functional.path), cv2.IMREAD_GRAYSCALE),
+                              ["a clean cell", "a cracked cell"], only_extra=True).decision
+    assert not any(r.startswith("possible defect") for r in free_text.reasons)
+    with pytest.raises(ConfigError, match="p_defect"):
+        config_from_dict({"thresholds": {"p_worst": 0.5}})

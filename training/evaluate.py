@@ -208,7 +208,7 @@ def _heldout(model, enc, syn, data, seed) -> dict:
 
 def evaluate_cli(args) -> int:
     from training.report import write_report
-    from training.evaluate_bundle import HEADLINE, evaluate_bundle, is_bundle
+    from training.evaluate_bundle import HEADLINE, OPERATOR_KEYS, evaluate_bundle, is_bundle
     out = Path(args.json)
     if is_bundle(args.model):       # the exported graphs: JSON only, INT8 beside fp32
         metrics = evaluate_bundle(Path(args.model), args.split, args.limit)
@@ -217,6 +217,8 @@ def evaluate_cli(args) -> int:
         for k in HEADLINE:
             print(f"{k:28s} int8 {metrics[k]:.4f}  fp32 {metrics['fp32_' + k]:.4f}  "
                   f"drop {metrics['int8_drop_points_' + k]:+.2f} points")
+        for k in OPERATOR_KEYS:
+            print(f"{k:28s} int8 {metrics[k]:.4f}" if metrics[k] is not None else f"{k:28s} int8 -")
         print(f"metrics -> {out}")
         return 0
     metrics, extras = evaluate(Path(args.model), args.split, args.limit)

@@ -3,7 +3,8 @@
 What the appliance runs is judged with the same metrics as the torch model (ELPV binary and
 4-level accuracy, pairwise accuracy on ELPV and synthetic candidate sets), once with the fp32
 graphs and once with the INT8 ones, so the cost of quantization on the *test* split is a
-number anyone can rerun (the export gate only sees val).
+number anyone can rerun (the export gate only sees val). The INT8 run also reports what the
+line sees with the bundle's own flag thresholds (`operator_metrics`).
 """
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance import decide
 from appliance.candidates import load_catalog
 from appliance.preprocess import PreprocessSpec, TextTokenizer
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import verify
+from export.decide_stats import catalog_outputs
 from training.data.batches import elpv_set, synthetic_set
 from training.evaluate import SYNTHETIC_EVAL_SEED, elpv_metrics, pair_correct
 
 HEADLINE = ("elpv_binary_accuracy", "elpv_level_accuracy", "elpv_pairwise_accuracy",
             "synthetic_pairwise_accuracy", "pairwise_accuracy")
+OPERATOR_KEYS = ("flag_rate", "unflagged_binary_accuracy", "defective_missed_rate", "defective_escape_rate",
+                 "functional_false_alarm_rate")
 
 
 def is_bundle(path: Path) -> bool:
@@ -37,11 +42,14 @@ def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: in
     backgrounds = data.images[np.asarray(data.levels) == 0][:100]
     syn = synthetic_set(f"synthetic-{split}", min(limit or 400, 400), spec.image_size,
                         SYNTHETIC_EVAL_SEED[split], 0.5, backgrounds)
-    displays = load_catalog(bundle / "catalog.yaml").displays
+    catalog = load_catalog(bundle / "catalog.yaml")
     metrics = {"model": str(bundle), "model_version": manifest["version"], "split": split}
     for prefix, int8 in (("", True), ("fp32_", False)):
         backend = OnnxBackend(bundle, int8=int8)
-        m, ordered = elpv_metrics(verify.backend_scores(backend, tokenizer, spec, data.images, displays), data)
+        patches, rewards, blank = catalog_outputs(backend, tokenizer, spec, data.images, catalog)
+        m, ordered = elpv_metrics(rewards, data)
+        if int8:
+            m.update(operator_metrics(manifest, catalog, patches, rewards, blank, data.levels))
         syn_pairs = pair_correct(verify.backend_set_scores(backend, tokenizer, spec, syn, seed))
         el_pairs = pair_correct(ordered)
         m.update(elpv_pairwise_accuracy=float(el_pairs.mean()), synthetic_pairwise_accuracy=float(syn_pairs.mean()),
@@ -50,3 +58,22 @@ def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: in
     for key in HEADLINE:
         metrics[f"int8_drop_points_{key}"] = 100 * (metrics[f"fp32_{key}"] - metrics[key])
     return metrics
+
+
+def operator_metrics(manifest: dict, catalog, patches, rewards, blank, levels, **overrides) -> dict:
+    """The line's view with the bundle's flag thresholds (overrides as on the appliance): the
+    share of frames flagged for review, the binary accuracy of the verdicts that are not, and
+    the defective cells that pass unflagged with a defect-free verdict (escapes) — the
+    number a quality engineer cares about. The verdict is the top catalog entry, as on the
+    appliance (elpv_binary_accuracy sums p over the defective entries instead)."""
+    thresholds = decide.Thresholds.from_manifest(manifest["thresholds"], **overrides)
+    defective = [bool(e.facts["defective"]) for e in catalog.entries]
+    flagged = np.array([decide.decide(catalog.displays, r, blank, p, thresholds, manifest["ood"], defective).flagged
+                        for r, p in zip(rewards, patches)])
+    called = np.array(defective)[rewards.argmax(1)]
+    truth, passed = np.asarray(levels) >= 2, ~flagged
+    return {"flag_rate": float(flagged.mean()),
+            "unflagged_binary_accuracy": float((called == truth)[passed].mean()) if passed.any() else None,
+            "defective_escape_rate": float((truth & ~called & passed).sum() / max(truth.sum(), 1)),
+            "defective_missed_rate": float((truth & ~called).sum() / max(truth.sum(), 1)),
+            "functional_false_alarm_rate": float((~truth & called & passed).sum() / max((~truth).sum(), 1))}

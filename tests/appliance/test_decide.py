@@ -1,7 +1,7 @@
 """The decide step: verdict, confidence and each flag reason."""
 import numpy as np
 
-from appliance.decide import Thresholds, decide, image_reliance, ood_distance, p_best
+from appliance.decide import Thresholds, decide, image_reliance, ood_distance, p_best, p_defect
 
 TEXTS = ["crack upper left", "no defect", "stain center"]
 OOD = {"mean": [0.0, 0.0], "std": [1.0, 1.0]}
@@ -48,3 +48,32 @@ def test_single_candidate():
 def test_thresholds_from_manifest_with_overrides():
     t = Thresholds.from_manifest({"p_best": 0.6, "ood_distance": 4, "extra": 1}, p_best=0.9)
     assert (t.p_best, t.ood_distance) == (0.9, 4.0)
+
+
+# "no defect" wins with 0.58; the two defect candidates together hold 0.42
+DEFECT_FACTS = [True, False, True]
+NEAR_MISS = np.log(np.array([0.21, 0.58, 0.21]))
+
+
+def test_defect_free_verdict_with_a_real_chance_of_a_defect_is_flagged():
+    assert abs(p_defect(NEAR_MISS, DEFECT_FACTS) - 0.42) < 1e-9
+    d = decide(TEXTS, NEAR_MISS, np.zeros(3), PATCHES, Thresholds(p_best=0.5, p_defect=0.4), OOD, DEFECT_FACTS)
+    assert d.verdict == "no defect" and d.flagged
+    assert d.reasons == ["possible defect: 42% chance of a defect behind a defect-free verdict (threshold 40%)"]
+    calm = decide(TEXTS, NEAR_MISS, np.zeros(3), PATCHES, Thresholds(p_best=0.5, p_defect=0.45), OOD, DEFECT_FACTS)
+    assert not calm.flagged
+
+
+def test_possible_defect_needs_a_threshold_known_facts_and_a_defect_free_verdict():
+    loose = Thresholds(p_best=0.5, p_defect=0.01)
+    assert not decide(TEXTS, NEAR_MISS, np.zeros(3), PATCHES, Thresholds(p_best=0.5), OOD, DEFECT_FACTS).flagged
+    assert not decide(TEXTS, NEAR_MISS, np.zeros(3), PATCHES, loose, OOD).flagged                  # facts unknown
+    assert not decide(TEXTS, NEAR_MISS, np.zeros(3), PATCHES, loose, OOD, [True, None, True]).flagged  # verdict's unknown
+    defect_wins = np.log(np.array([0.58, 0.21, 0.21]))
+    assert not decide(TEXTS, defect_wins, np.zeros(3), PATCHES, loose, OOD, DEFECT_FACTS).flagged
+
+
+def test_p_defect_comes_from_the_manifest_and_the_config_may_override_it():
+    assert Thresholds.from_manifest({"p_defect": None}).p_defect is None      # bundles without one: off
+    assert Thresholds.from_manifest({"p_defect": 0.15}).p_defect == 0.15
+    assert Thresholds.from_manifest({"p_defect": 0.15}, p_defect=0.3).p_defect == 0.3

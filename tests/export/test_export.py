@@ -69,6 +69,34 @@ def test_bundle_eval_matches_the_torch_eval_in_fp32_and_reports_the_int8_drop(ti
     for key in HEADLINE:
         assert graphs[f"int8_drop_points_{key}"] == pytest.approx(100 * (graphs[f"fp32_{key}"] - graphs[key]))
     assert graphs["model_version"] == tiny_bundle[2]["version"]
+    assert 0 <= graphs["defective_escape_rate"] <= graphs["defective_missed_rate"] <= 1
+    assert 0 <= graphs["flag_rate"] <= 1
+
+
+def test_escapes_are_the_misses_that_no_flag_catches(tiny_bundle):
+    """Flag everything: nothing escapes; flag nothing: every missed defective cell escapes."""
+    from appliance.candidates import load_catalog
+    from appliance.preprocess import PreprocessSpec, TextTokenizer
+    from export.decide_stats import catalog_outputs
+    from training.data.batches import elpv_set
+    from training.evaluate_bundle import operator_metrics
+    out, _, manifest = tiny_bundle
+    spec = PreprocessSpec.from_dict(manifest["preprocessing"])
+    data = elpv_set("val", spec.image_size, limit=24)
+    catalog = load_catalog(out / "catalog.yaml")
+    outputs = catalog_outputs(OnnxBackend(out), TextTokenizer(out / "tokenizer.json", spec.max_tokens),
+                              spec, data.images, catalog)
+    everything = operator_metrics(manifest, catalog, *outputs, data.levels, p_best=1.01)
+    assert everything["flag_rate"] == 1 and everything["defective_escape_rate"] == 0
+    assert everything["unflagged_binary_accuracy"] is None
+    nothing = operator_metrics(manifest, catalog, *outputs, data.levels,
+                               p_best=0.0, ood_distance=1e9, image_reliance=-1.0, p_defect=1.01)
+    assert nothing["flag_rate"] == 0
+    assert nothing["defective_escape_rate"] == nothing["defective_missed_rate"]
+    defective = np.asarray(data.levels) >= 2
+    called = np.array([bool(e.facts["defective"]) for e in catalog.entries])[outputs[1].argmax(1)]
+    assert nothing["defective_missed_rate"] == pytest.approx((defective & ~called).sum() / defective.sum())
+    assert nothing["unflagged_binary_accuracy"] == pytest.approx((called == defective).mean())
 
 
 def test_a_failed_export_leaves_the_existing_bundle_alone(tiny_run, tmp_path):
@@ -113,3 +141,24 @@ def test_keep_fp32_that_names_no_node_is_a_clear_error(tiny_run, tmp_path):
     opts = ExportOptions(val_limit=16, calibration_frames=8, keep_fp32=("/no_such_block/",))
     with pytest.raises(ConfigError, match="--keep-fp32 /no_such_block/ names no node"):
         checkpoint_to_bundle(tiny_run[0], tmp_path / "b", opts)
+
+
+def test_recalibrate_rederives_thresholds_and_signs_without_touching_the_graphs(tiny_bundle, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    out, _, manifest = tiny_bundle
+    copy = tmp_path / "el-solar-v1"
+    shutil.copytree(out, copy)
+    private, public = lib.generate_keypair(tmp_path / "keys", "hq-2")
+    cli = [sys.executable, "-m", "linejudge_cli", "bundle", "recalibrate", str(copy)]
+    refused = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "pass --key" in refused.stderr and "Traceback" not in refused.stderr
+    done = subprocess.run(cli + ["--key", str(private), "--key-id", "hq-2"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    verified = lib.verify_bundle(copy, lib.load_public_keys([public]), line="el-solar")
+    assert verified["files"] == manifest["files"]                      # graphs and files unchanged
+    assert verified["lineage"]["recalibrated"]["by"] == "linejudge bundle recalibrate"
+    assert {"p_defect", "val_flag_rate_all_reasons", "val_defective_escape_rate"} <= set(verified["thresholds"])
+    assert verified["thresholds"]["val_flag_rate_all_reasons"] <= 0.40 or verified["thresholds"]["p_defect"] is None

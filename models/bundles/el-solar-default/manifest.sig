@@ -1,4 +1,4 @@
 {
   "key_id": "hq",
-  "signature": "rJWcwy6ZGA314TkChDqV4CXa5YsZdxiQGoQvbm4Eqid9ztv62U04YXV0UfGFHc0vJDMGB5lcXxPTA3iVzUIpBQ=="
+  "signature": "mFQveAu0Q4rXqG/8P5SXVKNZ1kp4a8KR5u4LpEIT8qPozuoDoPB1fhO06ylUmKKZJVOYOYpWkAqNjpO/7MDeBA=="
 }
