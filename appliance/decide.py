@@ -1,7 +1,9 @@
 """From rewards to a verdict and, when the model is unsure, a flag with its reasons.
 
 Four reasons to flag, each against a runtime threshold (defaults in the bundle manifest):
-  * low confidence: P(best beats runner-up) = sigmoid(r1 - r2) below `p_best`
+  * low confidence: P(best beats runner-up) = sigmoid(r1 - r2) below `p_best`, or below
+    `p_best_free_text` when the verdict is a candidate whose facts are unknown (free text),
+    where the possible-defect check below cannot stand in for it
   * out of distribution: the frame's mean image feature is far from the training frames'
   * low image reliance: the rewards barely change when the frame is replaced by a blank
     one, so the ranking is being decided by the text alone
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-THRESHOLD_NAMES = ("p_best", "ood_distance", "image_reliance", "p_defect")
+THRESHOLD_NAMES = ("p_best", "ood_distance", "image_reliance", "p_defect", "p_best_free_text")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Thresholds:
     ood_distance: float = 3.0
     image_reliance: float = 0.05
     p_defect: float | None = None
+    p_best_free_text: float | None = None     # None: p_best for every verdict
 
     @classmethod
     def from_manifest(cls, data: dict, **overrides) -> "Thresholds":
@@ -88,12 +91,13 @@ def decide(texts: list[str], rewards: np.ndarray, blank_rewards: np.ndarray, pat
     order = np.argsort(-rewards)
     ranking = [(texts[i], float(rewards[i])) for i in order]
     confidence = p_best(rewards)
+    limit = _confidence_limit(thresholds, defective, int(order[0]))
     distance = ood_distance(frame_vector(patches), ood)
     reliance = image_reliance(rewards, blank_rewards)
     reasons = []
-    if confidence < thresholds.p_best:
+    if confidence < limit:
         reasons.append(f"low confidence: best beats runner-up with p={confidence:.2f} "
-                       f"(threshold {thresholds.p_best:.2f})")
+                       f"(threshold {limit:.2f})")
     if distance > thresholds.ood_distance:
         reasons.append(f"unusual frame: distance {distance:.2f} from training frames "
                        f"(threshold {thresholds.ood_distance:.2f})")
@@ -103,6 +107,13 @@ def decide(texts: list[str], rewards: np.ndarray, blank_rewards: np.ndarray, pat
     reasons += _possible_defect(rewards, int(order[0]), thresholds, defective)
     return Decision(ranking[0][0], ranking[0][1], confidence, ranking, bool(reasons), reasons,
                     distance, reliance)
+
+
+def _confidence_limit(thresholds: Thresholds, defective, best: int) -> float:
+    facts_known = defective is not None and defective[best] is not None
+    if facts_known or thresholds.p_best_free_text is None:
+        return thresholds.p_best
+    return thresholds.p_best_free_text
 
 
 def _possible_defect(rewards, best: int, thresholds: Thresholds, defective) -> list[str]:

@@ -45,23 +45,40 @@ def calibrate(backend, tokenizer, spec, val, catalog) -> dict:
 
 
 def _possible_defect_stats(rewards, blank, patches, defective, truth, catalog, thresholds, ood) -> dict:
-    """The `p_defect` threshold that catches the most missed defects while every reason
-    together flags at most 40 % of val frames, with what it costs and catches on val."""
-    base = decide.Thresholds.from_manifest(thresholds)
-    flagged = np.array([decide.decide(catalog.displays, r, blank, p, base, ood).flagged
-                        for r, p in zip(rewards, patches)])
+    """Choose `p_defect` and `p_best` together on val: the fewest defective cells escaping
+    (defect-free verdict, no flag) while every reason together flags at most 40 % of frames;
+    ties go to the more accurate unflagged verdicts, then to the higher `p_best`. `p_best`
+    never rises above its own calibration, which stays in force for free-text verdicts
+    (`p_best_free_text`: no facts, so no possible-defect check). On the shipped bundle a
+    possible-defect flag catches a missed defect far more often than a low-confidence one."""
+    base = decide.Thresholds.from_manifest(thresholds, p_best=0.0)
+    other = np.array([decide.decide(catalog.displays, r, blank, p, base, ood).flagged   # OOD, reliance
+                      for r, p in zip(rewards, patches)])
+    confidence = np.array([decide.p_best(r) for r in rewards])
     chance = np.array([decide.p_defect(r, defective) for r in rewards])
     called = defective[rewards.argmax(1)]
-    threshold = None
-    for t in np.unique(np.round(chance[~called], 3)):
-        if (flagged | (~called & (chance >= t))).mean() <= MAX_FLAG_RATE_WITH_DEFECTS:
-            threshold = float(t)
-            break
-    if threshold is not None:
-        flagged = flagged | (~called & (chance >= threshold))
-    escaped = truth & ~called & ~flagged
-    return {"p_defect": threshold, "val_flag_rate_all_reasons": float(flagged.mean()),
-            "val_defective_escape_rate": float(escaped.sum() / max(truth.sum(), 1))}
+    alone = thresholds["p_best"]
+    best = None
+    for p_best in np.unique(np.r_[0.5, np.round(confidence[confidence < alone], 3), alone]):
+        flagged = other | (confidence < p_best)
+        for p_defect in np.unique(np.round(chance[~called], 3)):      # lowest first: fewest escapes
+            with_defects = flagged | (~called & (chance >= p_defect))
+            if with_defects.mean() <= MAX_FLAG_RATE_WITH_DEFECTS:
+                passed = ~with_defects
+                escaped = int((truth & ~called & passed).sum())
+                accuracy = float((called == truth)[passed].mean()) if passed.any() else 0.0
+                key = (-escaped, accuracy, p_best)
+                if best is None or key > best[0]:
+                    best = (key, float(p_best), float(p_defect), with_defects)
+                break
+    if best is None:
+        return {"p_defect": None}
+    _, p_best, p_defect, flagged = best
+    passed = ~flagged
+    return {"p_best_free_text": alone, "p_best": p_best, "p_defect": p_defect,
+            "val_flag_rate_all_reasons": float(flagged.mean()),
+            "val_accuracy_unflagged_all_reasons": float((called == truth)[passed].mean()) if passed.any() else None,
+            "val_defective_escape_rate": float((truth & ~called & passed).sum() / max(truth.sum(), 1))}
 
 
 def _p_best_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:

@@ -77,3 +77,12 @@ def test_p_defect_comes_from_the_manifest_and_the_config_may_override_it():
     assert Thresholds.from_manifest({"p_defect": None}).p_defect is None      # bundles without one: off
     assert Thresholds.from_manifest({"p_defect": 0.15}).p_defect == 0.15
     assert Thresholds.from_manifest({"p_defect": 0.15}, p_defect=0.3).p_defect == 0.3
+
+
+def test_free_text_verdicts_keep_their_own_confidence_threshold():
+    close = np.array([0.5, 0.0, -3.0])            # p_best = 0.62, the verdict is candidate 0
+    t = Thresholds(p_best=0.5, p_best_free_text=0.7)
+    assert not decide(TEXTS, close, np.zeros(3), PATCHES, t, OOD, [True, False, True]).flagged
+    free = decide(TEXTS, close, np.zeros(3), PATCHES, t, OOD, [None, False, True])
+    assert free.reasons == ["low confidence: best beats runner-up with p=0.62 (threshold 0.70)"]
+    assert decide(TEXTS, close, np.zeros(3), PATCHES, t, OOD).flagged          # no facts at all

@@ -1,4 +1,4 @@
 {
   "key_id": "hq",
-  "signature": "mFQveAu0Q4rXqG/8P5SXVKNZ1kp4a8KR5u4LpEIT8qPozuoDoPB1fhO06ylUmKKZJVOYOYpWkAqNjpO/7MDeBA=="
+  "signature": "Y0aTSLV5L7+0OkaX0OTq7KpyfzsebSQKK9t5DVshtZRj/Cw62SCTheTZpoBSUxmcDe4muaIcFc9vvQ1BoVN9BQ=="
 }
