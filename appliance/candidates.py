@@ -34,6 +34,11 @@ class Catalog:
     def displays(self) -> list[str]:
         return [e.display for e in self.entries]
 
+    @property
+    def defective(self) -> list[bool | None]:
+        """Per entry: whether it names a defect (facts.defective), None where the fact is absent."""
+        return [None if e.facts.get("defective") is None else bool(e.facts["defective"]) for e in self.entries]
+
     def entry_for_text(self, text: str) -> CatalogEntry | None:
         for entry in self.entries:
             if text in entry.texts or text in entry.heldout:

@@ -118,6 +118,8 @@ def cmd_export(args) -> int:
 
 def cmd_bundle(args) -> int:
     from models import bundle as lib
+    if args.action != "keygen" and not args.bundle:
+        raise ConfigError(f"name the bundle directory: linejudge bundle {args.action} <bundle>")
     if args.action == "keygen":
         private, public = lib.generate_keypair(args.out, args.key_id)
         print(f"private key {private} (keep it at HQ)\npublic key  {public} (give it to appliances)")
@@ -126,9 +128,10 @@ def cmd_bundle(args) -> int:
     elif args.action == "recalibrate":
         if not args.key:
             raise ConfigError("recalibrate rewrites the manifest, so it must sign it again: pass --key "
-                              "(the HQ private key) and --key-id")
+                              "with the HQ private key (and --key-id if it is not 'hq')")
         from export.build_bundle import recalibrate_bundle
-        thresholds = recalibrate_bundle(Path(args.bundle), args.key, args.key_id)["thresholds"]
+        keys = lib.load_public_keys(args.trust or _default_trust(args.bundle))
+        thresholds = recalibrate_bundle(Path(args.bundle), args.key, args.key_id, keys)["thresholds"]
         print(json.dumps(thresholds, indent=2))
     else:
         keys = lib.load_public_keys(args.trust or _default_trust(args.bundle))
@@ -210,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="keys", help="keygen: where to write the key pair")
     p.add_argument("--key", help="sign, recalibrate: private key file")
     p.add_argument("--key-id", default="hq", help="key id")
-    p.add_argument("--trust", nargs="*", help="verify: trusted public key files (default: models/keys/*.pub)")
+    p.add_argument("--trust", nargs="*", help="verify, recalibrate: trusted public key files "
+                                              "(default: models/keys/*.pub)")
     p.add_argument("--installed-version", type=int, help="verify: reject versions not above this")
     p.add_argument("--line", help="verify: reject bundles for another line")
     p.set_defaults(func=cmd_bundle)

@@ -20,6 +20,7 @@ import numpy as np
 
 
 THRESHOLD_NAMES = ("p_best", "ood_distance", "image_reliance", "p_defect", "p_best_free_text")
+OPTIONAL_THRESHOLDS = ("p_defect", "p_best_free_text")
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,17 @@ class Thresholds:
 
     @classmethod
     def from_manifest(cls, data: dict, **overrides) -> "Thresholds":
+        """The bundle's thresholds with a config's overrides. `p_defect: null` in the config
+        turns the possible-defect check off; a `p_best` override applies to free-text verdicts
+        too unless `p_best_free_text` is given as well."""
         values = {k: float(data[k]) for k in THRESHOLD_NAMES if data.get(k) is not None}
-        values.update({k: float(v) for k, v in overrides.items() if v is not None})
+        if overrides.get("p_best") is not None and "p_best_free_text" not in overrides:
+            overrides = {**overrides, "p_best_free_text": overrides["p_best"]}
+        for k, v in overrides.items():
+            if v is not None:
+                values[k] = float(v)
+            elif k in OPTIONAL_THRESHOLDS:
+                values[k] = None
         return cls(**values)
 
 
@@ -62,9 +72,10 @@ def p_best(rewards: np.ndarray) -> float:
 
 
 def p_defect(rewards: np.ndarray, defective: np.ndarray) -> float:
-    """Probability (softmax of the rewards) that the right candidate is one naming a defect."""
+    """Probability (softmax of the rewards) that the right candidate is one naming a defect;
+    `defective` marks those candidates (None = unknown counts as not naming one)."""
     p = np.exp(rewards - rewards.max())
-    return float(p[np.asarray(defective, bool)].sum() / p.sum())
+    return float(p[np.array([bool(d) for d in defective])].sum() / p.sum())
 
 
 def frame_vector(patches: np.ndarray) -> np.ndarray:
@@ -117,9 +128,9 @@ def _confidence_limit(thresholds: Thresholds, defective, best: int) -> float:
 
 
 def _possible_defect(rewards, best: int, thresholds: Thresholds, defective) -> list[str]:
-    if thresholds.p_defect is None or defective is None or defective[best] is not False:
+    if thresholds.p_defect is None or defective is None or defective[best] is None or defective[best]:
         return []
-    chance = p_defect(rewards, [d is True for d in defective])
+    chance = p_defect(rewards, [bool(d) for d in defective])
     if chance < thresholds.p_defect:
         return []
     return [f"possible defect: {chance:.0%} chance of a defect behind a defect-free verdict "

@@ -54,8 +54,7 @@ class ModelRuntime:
         self.catalog_features = np.load(self.bundle_dir / "catalog_embeddings.npy")
         if len(self.catalog_features) != len(self.catalog.entries):
             raise ModelError(f"bundle {self.bundle_dir}: catalog_embeddings.npy does not match catalog.yaml")
-        self._defective = {e.display: None if e.facts.get("defective") is None else bool(e.facts["defective"])
-                           for e in self.catalog.entries}
+        self._defective = dict(zip(self.catalog.displays, self.catalog.defective))
         self.blank_patches = self.backend.image_features(blank_input(self.spec))
         self._free_text: dict[str, np.ndarray] = {}   # free-text features, bounded cache
         self._blank_rewards: dict[tuple[str, ...], np.ndarray] = {}

@@ -127,12 +127,15 @@ def checkpoint_to_bundle(checkpoint: Path, out: Path, opts: ExportOptions) -> di
     return manifest
 
 
-def recalibrate_bundle(bundle: Path, key: Path, key_id: str) -> dict:
+def recalibrate_bundle(bundle: Path, key: Path, key_id: str, trusted: dict) -> dict:
     """Derive an exported bundle's decide thresholds and OOD statistics again on val with its
     INT8 graphs, as export does, and sign the new manifest: a change of threshold policy
-    without a new export. Graphs and files stay as they are; lineage records the step."""
+    without a new export. Only a bundle that verifies against `trusted` keys is re-signed;
+    graphs, files and version stay as they are (appliances that already run this version keep
+    its old thresholds until they install it again); lineage records the step."""
     bundle = Path(bundle)
-    manifest = json.loads((bundle / bundle_lib.MANIFEST).read_text())
+    manifest = bundle_lib.verify_bundle(bundle, trusted)
+    bundle_lib.load_private_key(key)          # a bad key fails here, before anything is written
     spec = PreprocessSpec.from_dict(manifest["preprocessing"])
     tokenizer = TextTokenizer(bundle / "tokenizer.json", spec.max_tokens)
     stats = decide_stats.calibrate(OnnxBackend(bundle, int8=True), tokenizer, spec,

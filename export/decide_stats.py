@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from appliance import decide
+from appliance.errors import ConfigError
 from appliance.preprocess import blank_input, normalize
 
 CALIBRATION_TARGET = 0.97     # binary accuracy wanted among frames that are not flagged
@@ -30,9 +31,10 @@ def calibrate(backend, tokenizer, spec, val, catalog) -> dict:
     distances = np.array([decide.ood_distance(v, ood) for v in vectors])
     reliance = np.array([decide.image_reliance(r, blank) for r in rewards])
     confidence = np.array([decide.p_best(r) for r in rewards])
-    defective = np.array([bool(e.facts["defective"]) for e in catalog.entries])
+    defective = catalog_defective(catalog)
     truth = np.array([bool(val.levels[i] >= 2) for i in range(len(val))])
-    correct = defective[rewards.argmax(1)] == truth
+    called = defective[rewards.argmax(1)]
+    correct = called == truth
     p_threshold = _p_best_threshold(confidence, correct)
     thresholds = {"p_best": p_threshold, "ood_distance": float(np.percentile(distances, 99) * 1.25),
                   "image_reliance": float(np.percentile(reliance, 1) * 0.8),
@@ -40,45 +42,57 @@ def calibrate(backend, tokenizer, spec, val, catalog) -> dict:
                   "val_flag_rate": float((confidence < p_threshold).mean()),
                   "val_accuracy_unflagged": float(correct[confidence >= p_threshold].mean())
                   if (confidence >= p_threshold).any() else None}
-    thresholds.update(_possible_defect_stats(rewards, blank, patches, defective, truth, catalog, thresholds, ood))
+    other = (distances > thresholds["ood_distance"]) | (reliance < thresholds["image_reliance"])
+    chance = np.array([decide.p_defect(r, defective) for r in rewards])
+    thresholds.update(joint_thresholds(confidence, chance, called, truth, other, p_threshold))
     return {"thresholds": thresholds, "ood": ood}
 
 
-def _possible_defect_stats(rewards, blank, patches, defective, truth, catalog, thresholds, ood) -> dict:
-    """Choose `p_defect` and `p_best` together on val: the fewest defective cells escaping
-    (defect-free verdict, no flag) while every reason together flags at most 40 % of frames;
-    ties go to the more accurate unflagged verdicts, then to the higher `p_best`. `p_best`
-    never rises above its own calibration, which stays in force for free-text verdicts
-    (`p_best_free_text`: no facts, so no possible-defect check). On the shipped bundle a
-    possible-defect flag catches a missed defect far more often than a low-confidence one."""
-    base = decide.Thresholds.from_manifest(thresholds, p_best=0.0)
-    other = np.array([decide.decide(catalog.displays, r, blank, p, base, ood).flagged   # OOD, reliance
-                      for r, p in zip(rewards, patches)])
-    confidence = np.array([decide.p_best(r) for r in rewards])
-    chance = np.array([decide.p_defect(r, defective) for r in rewards])
-    called = defective[rewards.argmax(1)]
-    alone = thresholds["p_best"]
+def catalog_defective(catalog) -> np.ndarray:
+    facts = catalog.defective
+    if any(d is None for d in facts):
+        missing = [e.id for e, d in zip(catalog.entries, facts) if d is None]
+        raise ConfigError(f"catalog entries {missing[:5]} have no facts.defective (true/false); "
+                          f"calibration and evaluation need it on every entry")
+    return np.array(facts, bool)
+
+
+def flag_outcomes(called: np.ndarray, truth: np.ndarray, flagged: np.ndarray) -> dict:
+    """What the line sees: flags, accuracy of the verdicts that pass, and defective cells that
+    pass with a defect-free verdict (escapes) or defect-free ones that pass called defective."""
+    passed = ~flagged
+    return {"flag_rate": float(flagged.mean()),
+            "unflagged_binary_accuracy": float((called == truth)[passed].mean()) if passed.any() else None,
+            "defective_missed_rate": float((truth & ~called).sum() / max(truth.sum(), 1)),
+            "defective_escape_rate": float((truth & ~called & passed).sum() / max(truth.sum(), 1)),
+            "functional_false_alarm_rate": float((~truth & called & passed).sum() / max((~truth).sum(), 1))}
+
+
+def joint_thresholds(confidence, chance, called, truth, other_flags, p_best_alone: float) -> dict:
+    """Choose `p_defect` and `p_best` together: the fewest defective cells escaping while every
+    reason together flags at most 40 % of frames; ties go to fewer flags, then to the more
+    accurate unflagged verdicts, then to the higher `p_best`. `p_best` never rises above its own
+    calibration, which stays in force for free-text verdicts (`p_best_free_text`: no facts, so
+    no possible-defect check). On the shipped bundle a possible-defect flag catches a missed
+    defect far more often than a low-confidence one. {"p_defect": None} when nothing fits."""
     best = None
-    for p_best in np.unique(np.r_[0.5, np.round(confidence[confidence < alone], 3), alone]):
-        flagged = other | (confidence < p_best)
-        for p_defect in np.unique(np.round(chance[~called], 3)):      # lowest first: fewest escapes
-            with_defects = flagged | (~called & (chance >= p_defect))
-            if with_defects.mean() <= MAX_FLAG_RATE_WITH_DEFECTS:
-                passed = ~with_defects
-                escaped = int((truth & ~called & passed).sum())
-                accuracy = float((called == truth)[passed].mean()) if passed.any() else 0.0
-                key = (-escaped, accuracy, p_best)
-                if best is None or key > best[0]:
-                    best = (key, float(p_best), float(p_defect), with_defects)
-                break
+    for p_best in np.unique(np.r_[0.5, np.round(confidence[confidence < p_best_alone], 3), p_best_alone]):
+        low = other_flags | (confidence < p_best)
+        for p_defect in np.unique(np.round(chance[~called], 3)):
+            outcome = flag_outcomes(called, truth, low | (~called & (chance >= p_defect)))
+            if outcome["flag_rate"] > MAX_FLAG_RATE_WITH_DEFECTS:
+                continue
+            key = (-outcome["defective_escape_rate"], -outcome["flag_rate"],
+                   outcome["unflagged_binary_accuracy"] or 0.0, p_best)
+            if best is None or key > best[0]:
+                best = (key, float(p_best), float(p_defect), outcome)
     if best is None:
         return {"p_defect": None}
-    _, p_best, p_defect, flagged = best
-    passed = ~flagged
-    return {"p_best_free_text": alone, "p_best": p_best, "p_defect": p_defect,
-            "val_flag_rate_all_reasons": float(flagged.mean()),
-            "val_accuracy_unflagged_all_reasons": float((called == truth)[passed].mean()) if passed.any() else None,
-            "val_defective_escape_rate": float((truth & ~called & passed).sum() / max(truth.sum(), 1))}
+    _, p_best, p_defect, outcome = best
+    return {"p_best_free_text": float(p_best_alone), "p_best": p_best, "p_defect": p_defect,
+            "val_flag_rate_all_reasons": outcome["flag_rate"],
+            "val_accuracy_unflagged_all_reasons": outcome["unflagged_binary_accuracy"],
+            "val_defective_escape_rate": outcome["defective_escape_rate"]}
 
 
 def _p_best_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:

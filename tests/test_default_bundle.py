@@ -61,5 +61,5 @@ def test_possible_defect_flags_use_the_catalog_facts_and_a_config_threshold(mani
     free_text = runtime.judge(cv2.imread(str(functional.path), cv2.IMREAD_GRAYSCALE),
                               ["a clean cell", "a cracked cell"], only_extra=True).decision
     assert not any(r.startswith("possible defect") for r in free_text.reasons)
-    with pytest.raises(ConfigError, match="p_defect"):
+    with pytest.raises(ConfigError, match=r"unknown thresholds \[.p_worst.\]; use p_best, .*p_defect"):
         config_from_dict({"thresholds": {"p_worst": 0.5}})

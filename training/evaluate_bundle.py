@@ -18,7 +18,7 @@ from appliance.candidates import load_catalog
 from appliance.preprocess import PreprocessSpec, TextTokenizer
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import verify
-from export.decide_stats import catalog_outputs
+from export.decide_stats import catalog_defective, catalog_outputs, flag_outcomes
 from training.data.batches import elpv_set, synthetic_set
 from training.evaluate import SYNTHETIC_EVAL_SEED, elpv_metrics, pair_correct
 
@@ -67,13 +67,7 @@ def operator_metrics(manifest: dict, catalog, patches, rewards, blank, levels, *
     number a quality engineer cares about. The verdict is the top catalog entry, as on the
     appliance (elpv_binary_accuracy sums p over the defective entries instead)."""
     thresholds = decide.Thresholds.from_manifest(manifest["thresholds"], **overrides)
-    defective = [bool(e.facts["defective"]) for e in catalog.entries]
-    flagged = np.array([decide.decide(catalog.displays, r, blank, p, thresholds, manifest["ood"], defective).flagged
+    defective = catalog_defective(catalog)
+    flagged = np.array([decide.decide(catalog.displays, r, blank, p, thresholds, manifest["ood"], list(defective)).flagged
                         for r, p in zip(rewards, patches)])
-    called = np.array(defective)[rewards.argmax(1)]
-    truth, passed = np.asarray(levels) >= 2, ~flagged
-    return {"flag_rate": float(flagged.mean()),
-            "unflagged_binary_accuracy": float((called == truth)[passed].mean()) if passed.any() else None,
-            "defective_escape_rate": float((truth & ~called & passed).sum() / max(truth.sum(), 1)),
-            "defective_missed_rate": float((truth & ~called).sum() / max(truth.sum(), 1)),
-            "functional_false_alarm_rate": float((~truth & called & passed).sum() / max((~truth).sum(), 1))}
+    return flag_outcomes(defective[rewards.argmax(1)], np.asarray(levels) >= 2, flagged)

@@ -86,3 +86,17 @@ def test_free_text_verdicts_keep_their_own_confidence_threshold():
     free = decide(TEXTS, close, np.zeros(3), PATCHES, t, OOD, [None, False, True])
     assert free.reasons == ["low confidence: best beats runner-up with p=0.62 (threshold 0.70)"]
     assert decide(TEXTS, close, np.zeros(3), PATCHES, t, OOD).flagged          # no facts at all
+
+
+def test_config_overrides_reach_free_text_and_can_switch_possible_defect_off():
+    manifest = {"p_best": 0.5, "p_best_free_text": 0.73, "p_defect": 0.11}
+    stricter = Thresholds.from_manifest(manifest, p_best=0.9)
+    assert (stricter.p_best, stricter.p_best_free_text) == (0.9, 0.9)
+    assert Thresholds.from_manifest(manifest, p_defect=None).p_defect is None
+    assert Thresholds.from_manifest(manifest, p_best=None).p_best == 0.5     # required ones stay
+
+
+def test_facts_given_as_numpy_booleans_work_the_same():
+    d = decide(TEXTS, NEAR_MISS, np.zeros(3), PATCHES, Thresholds(p_best=0.5, p_defect=0.4), OOD,
+               list(np.array(DEFECT_FACTS)))
+    assert d.flagged and d.reasons[0].startswith("possible defect")

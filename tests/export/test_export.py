@@ -147,20 +147,43 @@ def test_recalibrate_rederives_thresholds_and_signs_without_touching_the_graphs(
     import shutil
     import subprocess
     import sys
-    out, _, manifest = tiny_bundle
+    out, old_public, manifest = tiny_bundle
     copy = tmp_path / "el-solar-v1"
     shutil.copytree(out, copy)
     private, public = lib.generate_keypair(tmp_path / "keys", "hq-2")
-    cli = [sys.executable, "-m", "linejudge_cli", "bundle", "recalibrate", str(copy)]
-    refused = subprocess.run(cli, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "pass --key" in refused.stderr and "Traceback" not in refused.stderr
-    done = subprocess.run(cli + ["--key", str(private), "--key-id", "hq-2"], capture_output=True, text=True,
-                          timeout=300)
+    cli = [sys.executable, "-m", "linejudge_cli", "bundle", "recalibrate", str(copy), "--trust", str(old_public)]
+
+    def run(*extra):
+        return subprocess.run(cli + list(extra), capture_output=True, text=True, timeout=300)
+    for refused, says in ((run(), "pass --key"), (run("--key", str(tmp_path / "nope.key")), "nope.key")):
+        assert refused.returncode != 0 and says in refused.stderr and "Traceback" not in refused.stderr
+    assert lib.verify_bundle(copy, lib.load_public_keys([old_public]))      # a refused run leaves it intact
+    done = run("--key", str(private), "--key-id", "hq-2")
     assert done.returncode == 0, done.stderr[-2000:]
     verified = lib.verify_bundle(copy, lib.load_public_keys([public]), line="el-solar")
     assert verified["files"] == manifest["files"]                      # graphs and files unchanged
     assert verified["lineage"]["recalibrated"]["by"] == "linejudge bundle recalibrate"
     assert {"p_defect", "val_flag_rate_all_reasons", "val_defective_escape_rate"} <= set(verified["thresholds"])
-    t = verified["thresholds"]
-    if t["p_defect"] is not None:       # chosen together with p_best, which never rises above its own rule
-        assert t["val_flag_rate_all_reasons"] <= 0.40 and t["p_best"] <= t["p_best_free_text"]
+    assert "p_defect" in verified["thresholds"]
+    tampered = json.loads((copy / "manifest.json").read_text())
+    tampered["thresholds"]["p_best"] = 0.0
+    (copy / "manifest.json").write_text(json.dumps(tampered))
+    refused = run("--key", str(private), "--key-id", "hq-2")        # only a bundle that verifies is re-signed
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+
+
+def test_joint_thresholds_catch_the_most_missed_defects_within_the_flag_budget():
+    """Ten frames, four defective. Two missed defects (called functional) carry some chance of a
+    defect; low confidence flags would only catch a right verdict."""
+    from export.decide_stats import joint_thresholds
+    called = np.array([0, 0, 0, 0, 0, 0, 1, 1, 0, 0], bool)
+    truth = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], bool)
+    chance = np.array([.02, .03, .04, .05, .06, .07, .9, .9, .30, .20])
+    confidence = np.array([.9, .9, .9, .9, .9, .55, .9, .9, .9, .9])
+    t = joint_thresholds(confidence, chance, called, truth, np.zeros(10, bool), p_best_alone=0.6)
+    assert t["val_defective_escape_rate"] == 0 and t["val_flag_rate_all_reasons"] == 0.2
+    # the budget goes to possible defects; p_best rises as far as it can without adding a flag
+    assert (t["p_defect"], t["p_best"], t["p_best_free_text"]) == (0.2, 0.55, 0.6)
+    assert t["val_accuracy_unflagged_all_reasons"] == 1.0
+    everything_flagged = joint_thresholds(confidence, chance, called, truth, np.ones(10, bool), 0.6)
+    assert everything_flagged == {"p_defect": None}

@@ -1,4 +1,4 @@
 {
   "key_id": "hq",
-  "signature": "Y0aTSLV5L7+0OkaX0OTq7KpyfzsebSQKK9t5DVshtZRj/Cw62SCTheTZpoBSUxmcDe4muaIcFc9vvQ1BoVN9BQ=="
+  "signature": "VEQY3YHIgM6yichcKfPDp+5ZIZT6NR0NxpLGMmXHpLwUWuFsLktnCQ+lL2B3dq9L7u63MRVvJbvbG18HYthwCg=="
 }
