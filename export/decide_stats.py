@@ -39,8 +39,8 @@ def calibrate(backend, tokenizer, spec, val, catalog) -> dict:
     thresholds = {"p_best": p_threshold, "ood_distance": float(np.percentile(distances, 99) * 1.25),
                   "image_reliance": float(np.percentile(reliance, 1) * 0.8),
                   "calibration_target": CALIBRATION_TARGET,
-                  "val_flag_rate": float((confidence < p_threshold).mean()),
-                  "val_accuracy_unflagged": float(correct[confidence >= p_threshold].mean())
+                  "val_flag_rate_low_confidence_alone": float((confidence < p_threshold).mean()),
+                  "val_accuracy_unflagged_low_confidence_alone": float(correct[confidence >= p_threshold].mean())
                   if (confidence >= p_threshold).any() else None}
     other = (distances > thresholds["ood_distance"]) | (reliance < thresholds["image_reliance"])
     chance = np.array([decide.p_defect(r, defective) for r in rewards])

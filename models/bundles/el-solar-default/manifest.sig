@@ -1,4 +1,4 @@
 {
   "key_id": "hq",
-  "signature": "VEQY3YHIgM6yichcKfPDp+5ZIZT6NR0NxpLGMmXHpLwUWuFsLktnCQ+lL2B3dq9L7u63MRVvJbvbG18HYthwCg=="
+  "signature": "4Z40XcKe/k6T4HM3w5UDTEarNUOf8W28QbBclNvmwnAdI/U5cjhHyzWokt9LaPsMc8hQaevPvJnp7JKZSfk9Cw=="
 }
