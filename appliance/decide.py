@@ -130,7 +130,7 @@ def _confidence_limit(thresholds: Thresholds, defective, best: int) -> float:
 def _possible_defect(rewards, best: int, thresholds: Thresholds, defective) -> list[str]:
     if thresholds.p_defect is None or defective is None or defective[best] is None or defective[best]:
         return []
-    chance = p_defect(rewards, [bool(d) for d in defective])
+    chance = p_defect(rewards, defective)
     if chance < thresholds.p_defect:
         return []
     return [f"possible defect: {chance:.0%} chance of a defect behind a defect-free verdict "

@@ -5,7 +5,7 @@ import numpy as np
 
 from appliance import decide
 from appliance.errors import ConfigError
-from appliance.preprocess import blank_input, normalize
+from export import verify
 
 CALIBRATION_TARGET = 0.97     # binary accuracy wanted among frames that are not flagged
 MAX_FLAG_RATE = 0.30
@@ -15,13 +15,9 @@ MAX_FLAG_RATE_WITH_DEFECTS = 0.40   # "possible defect" flags may add up to 10 p
 def catalog_outputs(backend, tokenizer, spec, images: np.ndarray, catalog):
     """What decide() reads for each frame against the whole catalog: patches (N,P,d),
     rewards (N,K), and the blank frame's rewards (K,)."""
-    ids, mask = tokenizer.encode(catalog.displays)
-    texts = backend.text_features(ids, mask)
-    patches = np.concatenate([backend.image_features(normalize(images[i:i + 32], spec))
-                              for i in range(0, len(images), 32)])
-    rewards = np.concatenate([backend.rewards(patches[i:i + 32], texts) for i in range(0, len(patches), 32)])
-    blank = backend.rewards(backend.image_features(blank_input(spec)), texts)[0]
-    return patches, rewards, blank
+    patches, rewards = verify.backend_outputs(backend, tokenizer, spec, images, catalog.displays)
+    blank = np.full((1, spec.image_size, spec.image_size), 128, np.uint8)   # as appliance.preprocess.blank_input
+    return patches, rewards, verify.backend_scores(backend, tokenizer, spec, blank, catalog.displays)[0]
 
 
 def calibrate(backend, tokenizer, spec, val, catalog) -> dict:

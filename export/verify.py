@@ -13,11 +13,19 @@ from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
 def backend_scores(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, frames: np.ndarray,
                    texts: list[str], batch: int = 32) -> np.ndarray:
     """(N,S,S) uint8 frames x the same K texts -> (N,K) rewards."""
+    return backend_outputs(backend, tokenizer, spec, frames, texts, batch)[1]
+
+
+def backend_outputs(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, frames: np.ndarray,
+                    texts: list[str], batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(N,S,S) uint8 frames x the same K texts -> patches (N,P,d) and rewards (N,K)."""
     ids, mask = tokenizer.encode(texts)
     features = backend.text_features(ids, mask)
-    out = [backend.rewards(backend.image_features(normalize(frames[i:i + batch], spec)), features)
-           for i in range(0, len(frames), batch)]
-    return np.concatenate(out)
+    patches = np.concatenate([backend.image_features(normalize(frames[i:i + batch], spec))
+                              for i in range(0, len(frames), batch)])
+    rewards = np.concatenate([backend.rewards(patches[i:i + batch], features)
+                              for i in range(0, len(patches), batch)])
+    return patches, rewards
 
 
 def backend_set_scores(backend, tokenizer, spec, data, seed: int = 0) -> np.ndarray:
