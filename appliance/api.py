@@ -15,7 +15,13 @@ from appliance.errors import BadExplanation, BadFrame, LinejudgeError
 from appliance.preprocess import MAX_EXPLANATION_CHARS, decode_image_bytes
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_REQUEST_BYTES = MAX_IMAGE_BYTES + 64 * MAX_EXPLANATION_CHARS     # the frame plus form fields
 MAX_CANDIDATES = 256
+TOO_LARGE = f"request too large; frames up to {MAX_IMAGE_BYTES // 2**20} MB"
+
+
+class RequestTooLarge(BadFrame):
+    """The request body passed the size limit (answered with 413)."""
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -37,6 +43,25 @@ def _parse_candidates(raw) -> list[str]:
     return raw
 
 
+def _declared_length(request: Request) -> int:
+    raw = request.headers.get("content-length") or "0"
+    if not raw.strip().isdigit():
+        raise BadFrame(f"the Content-Length header must be a number of bytes, not {raw[:40]!r}; "
+                       "leave it to your HTTP client")
+    return int(raw)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The raw body, read as it arrives: a chunked upload without Content-Length stops at the limit."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_IMAGE_BYTES:
+            raise RequestTooLarge(TOO_LARGE)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _read_request(request: Request) -> tuple[bytes, list[str], bool]:
     """multipart/form-data (image file + candidates JSON) or a raw image body."""
     ctype = request.headers.get("content-type", "")
@@ -45,12 +70,14 @@ async def _read_request(request: Request) -> tuple[bytes, list[str], bool]:
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise BadFrame("send the frame as a file field named 'image'")
+        if upload.size is not None and upload.size > MAX_IMAGE_BYTES:
+            raise RequestTooLarge(TOO_LARGE)
         image = await upload.read()
         only = str(form.get("only_candidates", "false")).lower() in ("1", "true", "yes")
         return image, _parse_candidates(form.get("candidates")), only
     if ctype.startswith("application/json"):
         raise BadFrame("send the frame as multipart/form-data (field 'image') or as a raw image/* body")
-    body = await request.body()
+    body = await _read_body(request)
     cands = request.query_params.get("candidates")
     return body, _parse_candidates(cands), False
 
@@ -64,11 +91,12 @@ def create_api(appliance) -> FastAPI:
 
     @app.post("/v1/score")
     async def score(request: Request):
-        length = int(request.headers.get("content-length") or 0)
-        if length > MAX_IMAGE_BYTES + 64 * MAX_EXPLANATION_CHARS:
-            return _error(413, f"request too large; frames up to {MAX_IMAGE_BYTES // 2**20} MB")
+        if _declared_length(request) > MAX_REQUEST_BYTES:
+            return _error(413, TOO_LARGE)
         try:
             image, candidates, only = await _read_request(request)
+        except RequestTooLarge as exc:
+            return _error(413, str(exc))
         except UnicodeDecodeError:
             return _error(400, "the request is not valid UTF-8")
         frame = decode_image_bytes(image)

@@ -7,7 +7,8 @@ for USB indexes, /dev/videoN (V4L2), rtsp:// and http(s):// streams, GStreamer p
 video files, reconnecting with exponential backoff. LatestFrameGrabber reads in a background
 thread and keeps only the newest frame of a live camera, so inference never works through a
 stale backlog; a recording is read one frame ahead of the consumer instead, so every frame is
-inspected and no CPU goes into decoding frames that would be dropped.
+inspected and no CPU goes into decoding frames that would be dropped. When a source raises,
+the grabber retries it with the same backoff until stopped.
 """
 from __future__ import annotations
 
@@ -47,10 +48,12 @@ class EncodedFrame(np.ndarray):
 
 
 def _decode_file(path: Path) -> np.ndarray | None:
-    data = path.read_bytes()
+    """The decoded image, or None when the file cannot be read (deleted, no permission) or decoded."""
     try:
+        data = path.read_bytes()
         frame = decode_image_bytes(data)
-    except BadFrame:
+    except (OSError, BadFrame) as exc:
+        log.debug("replay: cannot use %s: %s", path, exc)
         return None
     if path.suffix.lower() == ".png":
         frame = frame.view(EncodedFrame)
@@ -175,7 +178,7 @@ class OpenCVSource:
                 return None
             if self._cap is None:
                 self._cap = self._open()
-            ok, frame = self._cap.read() if self._cap is not None else (False, None)
+            ok, frame = self._read_cap() if self._cap is not None else (False, None)
             if ok and frame is not None:
                 if self.failures:
                     log.info("camera %s: frames again after %d failed attempts", self.name, self.failures)
@@ -186,6 +189,13 @@ class OpenCVSource:
                 self._cap = None
         self._after_failure()
         return None
+
+    def _read_cap(self) -> tuple[bool, np.ndarray | None]:
+        try:
+            return self._cap.read()
+        except Exception as exc:        # a driver error counts as a failed read: reconnect
+            log.warning("camera %s: read failed: %s", self.name, exc)
+            return False, None
 
     def _after_failure(self) -> None:
         self.failures += 1
@@ -218,7 +228,9 @@ class LatestFrameGrabber:
     """Reads `source` in a background thread, at most `max_fps` frames a second, keeping only
     the newest frame. `captured` counts frames read, `dropped` those replaced before get().
     A source with live=False is paced by the consumer: the next frame is read while the
-    current one is being judged, and none is dropped."""
+    current one is being judged, and none is dropped. When the source raises, the error is
+    kept in `error` (get() reports it) and reading is retried after 0.5 s, doubling to 30 s,
+    until a frame comes or stop()."""
 
     def __init__(self, source: FrameSource, max_fps: float | None = None, *, start: bool = True):
         self.source = source
@@ -237,22 +249,30 @@ class LatestFrameGrabber:
         return self
 
     def _run(self) -> None:
+        backoff = BACKOFF_START
         while not self._stop.is_set():
             started = time.monotonic()
             try:
                 frame = self.source.read()
-            except Exception as exc:        # CaptureError or a driver error: get() reports it
-                log.error("capture from %s stopped: %s", self.source.name, exc)
-                with self._cond:
-                    self.error = exc
-                    self._cond.notify_all()
-                return
+            except Exception as exc:        # CaptureError or a driver error: retry after a wait
+                self._failed(exc, backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
             if frame is not None:
+                if self.error is not None:
+                    log.info("capture from %s: frames again", self.source.name)
+                    self.error, backoff = None, BACKOFF_START
                 self._publish(frame)
                 if self.paced:
                     self._wait_until_taken()
             pause = self.min_interval - (time.monotonic() - started)
             self._stop.wait(max(pause, 0.0 if frame is not None else IDLE_WAIT))
+
+    def _failed(self, exc: Exception, backoff: float) -> None:
+        log.error("capture from %s failed (%s: %s); retrying in %.1f s",
+                  self.source.name, type(exc).__name__, exc, backoff)
+        self.error = exc
+        self._stop.wait(backoff)
 
     def _publish(self, frame: np.ndarray) -> None:
         with self._cond:
@@ -267,20 +287,23 @@ class LatestFrameGrabber:
             self._cond.wait_for(lambda: self._taken_id >= self._frame_id or self._stop.is_set())
 
     def _has_news(self) -> bool:
-        return self._frame_id > self._taken_id or self.error is not None or self._stop.is_set()
+        return self._frame_id > self._taken_id or self._stop.is_set()
 
     def get(self, timeout: float = 5.0) -> tuple[int, np.ndarray]:
-        """The newest frame not yet taken, with its id (gaps in ids are dropped frames)."""
+        """The newest frame not yet taken, with its id (gaps in ids are dropped frames).
+        Waits up to `timeout` for one, also while the source is failing and being retried."""
         with self._cond:
-            if not self._cond.wait_for(self._has_news, timeout):
-                raise CaptureError(f"no frame from {self.source.name} within {timeout:g} s; check the camera")
+            self._cond.wait_for(self._has_news, timeout)
             if self._frame_id > self._taken_id:
                 self._taken_id = self._frame_id
                 self._cond.notify_all()         # a paced reader may go on
                 return self._frame_id, self._frame
-            if self.error is not None:
-                raise CaptureError(f"capture from {self.source.name} stopped: {self.error}") from self.error
-            raise CaptureError(f"the grabber for {self.source.name} was stopped")
+            if self._stop.is_set():
+                raise CaptureError(f"the grabber for {self.source.name} was stopped")
+            if (error := self.error) is not None:
+                raise CaptureError(f"capture from {self.source.name} is failing ({error}); retrying, "
+                                   "check the camera, the cable or the replay folder") from error
+            raise CaptureError(f"no frame from {self.source.name} within {timeout:g} s; check the camera")
 
     def stop(self, close_source: bool = True) -> None:
         self._stop.set()

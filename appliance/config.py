@@ -7,12 +7,14 @@ from pathlib import Path
 
 import yaml
 
-from appliance.decide import THRESHOLD_NAMES
+from appliance.decide import OPTIONAL_THRESHOLDS, THRESHOLD_NAMES
 from appliance.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = ROOT / "models" / "bundles" / "el-solar-default"
 DEFAULT_KEYS = ROOT / "models" / "keys"
+PROBABILITY_THRESHOLDS = ("p_best", "p_defect", "p_best_free_text")
+ELPV_SPLITS = ("train", "val", "test")     # training/data/elpv_split.json
 
 
 @dataclass(frozen=True)
@@ -42,28 +44,70 @@ class ApplianceConfig:
     operator_pins: dict = field(default_factory=dict)  # name -> PIN, hashed into the store on start
 
     def __post_init__(self):
-        if self.max_fps <= 0:
-            raise ConfigError("max_fps must be positive")
-        if not 0 < self.port < 65536:
+        if not _is_number(self.max_fps) or self.max_fps <= 0:
+            raise ConfigError(f"max_fps must be a positive number, not {self.max_fps!r}")
+        if not _is_whole(self.port) or not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is not a TCP port")
         if self.backend not in ("onnxruntime", "tensorrt"):
             raise ConfigError(f"backend must be onnxruntime or tensorrt, not {self.backend!r}")
+        self._check_thresholds()
+        self._check_storage()
+        self._check_types()
+        self._check_sync()
+
+    def _check_thresholds(self) -> None:
+        if not isinstance(self.thresholds, dict):
+            raise ConfigError(f"thresholds must be a mapping, e.g. thresholds: {{p_defect: 0.2}}, "
+                              f"not {self.thresholds!r}")
         unknown = set(self.thresholds) - set(THRESHOLD_NAMES)
         if unknown:
             raise ConfigError(f"unknown thresholds {sorted(unknown)}; use {', '.join(THRESHOLD_NAMES)}")
-        self._check_sync()
+        for name, value in self.thresholds.items():
+            if value is None and name in OPTIONAL_THRESHOLDS:
+                continue                      # null turns an optional check off
+            if not _is_number(value) or value < 0 or (name in PROBABILITY_THRESHOLDS and value > 1):
+                limits = "between 0 and 1" if name in PROBABILITY_THRESHOLDS else "0 or more"
+                raise ConfigError(f"thresholds: {name} must be a number {limits}, not {value!r}")
+
+    def _check_storage(self) -> None:
+        for name in ("frame_budget_mb", "retention_days"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number, not {value!r}")
+        if self.threads is not None and (not _is_whole(self.threads) or self.threads < 1):
+            raise ConfigError(f"threads must be a whole number of at least 1 (or left out), not {self.threads!r}")
+        if isinstance(self.source, str) and self.source.startswith("elpv:") \
+                and self.source.split(":", 1)[1] not in ELPV_SPLITS:
+            raise ConfigError(f"source {self.source!r}: the ELPV replay splits are "
+                              f"{', '.join('elpv:' + s for s in ELPV_SPLITS)}")
+
+    def _check_types(self) -> None:
+        for name in ("save_frames", "allow_provider_fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if not isinstance(self.operator_pins, dict):
+            raise ConfigError(f'operator_pins must be a mapping of names to quoted PINs, e.g. '
+                              f'operator_pins: {{alice: "4711"}}, not {self.operator_pins!r}')
+        for name, pin in self.operator_pins.items():
+            if not isinstance(pin, str):
+                raise ConfigError(f"operator_pins: the PIN of {name} must be quoted, e.g. {name}: \"0427\" "
+                                  "(unquoted, YAML drops leading zeros or reads them as octal)")
 
     def _check_sync(self) -> None:
         if not _is_number(self.sync_interval_s) or self.sync_interval_s < 0:
             raise ConfigError(f"sync_interval_s must be 0 (no in-process sync) or a number of seconds, "
                               f"not {self.sync_interval_s!r}; e.g. sync_interval_s: 300")
-        if not isinstance(self.commit_after_inspections, int) or isinstance(self.commit_after_inspections, bool) \
-                or self.commit_after_inspections < 1:
+        if not _is_whole(self.commit_after_inspections) or self.commit_after_inspections < 1:
             raise ConfigError(f"commit_after_inspections must be a whole number of at least 1, not "
                               f"{self.commit_after_inspections!r}; e.g. commit_after_inspections: 20")
         if not _is_number(self.commit_timeout_s) or self.commit_timeout_s <= 0:
             raise ConfigError(f"commit_timeout_s must be a positive number of seconds, not "
                               f"{self.commit_timeout_s!r}; e.g. commit_timeout_s: 60")
+        needed_s = self.commit_after_inspections / self.max_fps
+        if needed_s >= self.commit_timeout_s:
+            raise ConfigError(f"a new model needs commit_after_inspections={self.commit_after_inspections} "
+                              f"inspections, at least {needed_s:g} s at max_fps={self.max_fps:g}, but "
+                              f"commit_timeout_s is {self.commit_timeout_s:g} s; raise commit_timeout_s")
 
     @property
     def db_path(self) -> Path:
@@ -86,7 +130,12 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 PATH_FIELDS = {"state_dir", "bundle", "hq_token_file"}
+LIST_FIELDS = {"trusted_keys", "providers"}
 
 
 def config_from_dict(data: dict, where: str = "config") -> ApplianceConfig:
@@ -96,6 +145,8 @@ def config_from_dict(data: dict, where: str = "config") -> ApplianceConfig:
         raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
     values = {}
     for key, value in data.items():
+        if key in LIST_FIELDS and not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, e.g. {key}: [{value}]")
         if key in PATH_FIELDS and value is not None:
             value = Path(value)
         elif key == "trusted_keys":

@@ -21,6 +21,11 @@ class ModelError(LinejudgeError):
     """A model or bundle cannot be used."""
 
 
+class TrialInconclusive(ModelError):
+    """A hot-swapped model judged too few inspections in time to be kept (the line was idle or
+    slow) but raised no error: it is swapped back and offered again on the next sync pass."""
+
+
 class StoreError(LinejudgeError):
     """The appliance database cannot do what was asked (unknown row, locked operator, closed store)."""
 

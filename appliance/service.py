@@ -27,7 +27,7 @@ import numpy as np
 from appliance import metrics, models_install
 from appliance.capture import LatestFrameGrabber, open_source
 from appliance.config import ApplianceConfig
-from appliance.errors import BadExplanation, BadFrame, CaptureError, ModelError
+from appliance.errors import BadExplanation, BadFrame, CaptureError, ModelError, TrialInconclusive
 from appliance.runtime import Judgement, ModelRuntime
 from appliance.store import Store
 from appliance.sync import sync_once
@@ -35,6 +35,7 @@ from appliance.sync import sync_once
 log = logging.getLogger("linejudge.appliance")
 
 FIRST_SYNC_DELAY_S = 5.0    # the first in-process sync pass comes this soon after start (or sooner)
+PRUNE_INTERVAL_S = 60.0     # saved frames are pruned to frame_budget_mb / retention_days this often
 STOP_JOIN_S = 5.0           # stop() waits this long for each thread
 
 
@@ -113,7 +114,8 @@ class Appliance:
         self.store = Store(cfg.db_path, cfg.frames_dir if cfg.save_frames else None,
                            frame_budget_mb=cfg.frame_budget_mb, retention_days=cfg.retention_days)
         for name, pin in cfg.operator_pins.items():
-            self.store.set_operator_pin(name, str(pin))
+            self.store.set_operator_pin(name, pin)
+        self.store.keep_only_operators(cfg.operator_pins)
         self.runtime = self._load_model()
         self.live = LiveState()
         self._fps = FpsWindow()
@@ -122,6 +124,7 @@ class Appliance:
         self._grabber: LatestFrameGrabber | None = None
         self._thread: threading.Thread | None = None
         self._sync_thread: threading.Thread | None = None
+        self._prune_thread: threading.Thread | None = None
         self._swap_lock = threading.Lock()           # one hot swap at a time
         self._trial: SwapTrial | None = None         # the hot-swapped runtime awaiting commit
         self.last_sync: dict | None = None           # the last in-process sync pass's result
@@ -184,14 +187,18 @@ class Appliance:
         return True, ""
 
     def _await_trial(self, trial: SwapTrial) -> str | None:
-        """Wait for the trial's verdict: None when healthy, else why not (error or timeout)."""
+        """Wait for the trial's verdict: None when healthy, else the error it raised. A trial
+        that runs out of time without an error proves nothing against the model (the line may
+        have paused): TrialInconclusive, so the bundle is offered again on the next pass."""
         deadline = time.monotonic() + self.cfg.commit_timeout_s
         while not trial.done.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic()))):
             if self._stop.is_set():
                 raise _Stopping("the appliance stopped during a model trial")
             if time.monotonic() >= deadline:
-                return (f"only {trial.healthy} of {trial.needed} inspections judged within "
-                        f"commit_timeout_s={self.cfg.commit_timeout_s:g} s")
+                raise TrialInconclusive(
+                    f"only {trial.healthy} of {trial.needed} inspections judged within "
+                    f"commit_timeout_s={self.cfg.commit_timeout_s:g} s (line idle or slow); "
+                    "the old model is back and the new one is tried again on the next sync pass")
         return trial.error
 
     # ---------------------------------------------------------------- inspection
@@ -283,6 +290,9 @@ class Appliance:
         self._grabber = LatestFrameGrabber(source, max_fps=self.cfg.max_fps)
         self._thread = threading.Thread(target=self._loop, name="inspection-loop", daemon=True)
         self._thread.start()
+        if self.cfg.save_frames:
+            self._prune_thread = threading.Thread(target=self._prune_loop, name="frame-pruner", daemon=True)
+            self._prune_thread.start()
         if self.cfg.hq_url and self.cfg.sync_interval_s > 0:
             self._sync_thread = threading.Thread(target=self._sync_loop, name="hq-sync", daemon=True)
             self._sync_thread.start()
@@ -290,7 +300,7 @@ class Appliance:
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in (self._thread, self._sync_thread):
+        for thread in (self._thread, self._sync_thread, self._prune_thread):
             if thread:
                 thread.join(timeout=STOP_JOIN_S)
         if self._sync_thread and self._sync_thread.is_alive():
@@ -299,6 +309,17 @@ class Appliance:
         if self._grabber:
             self._grabber.stop()
         self.store.close()
+
+    def _prune_loop(self) -> None:
+        """Keep saved frames within frame_budget_mb and retention_days: at start, then every
+        PRUNE_INTERVAL_S. Frames still to be sent to HQ are never removed (Store.prune_frames)."""
+        while True:
+            try:
+                self.store.prune_frames()
+            except Exception:  # a failed prune is retried; it never stops inspection
+                log.exception("pruning saved frames failed; retrying in %g s", PRUNE_INTERVAL_S)
+            if self._stop.wait(PRUNE_INTERVAL_S):
+                return
 
     # ---------------------------------------------------------------- sync with HQ
     def _sync_loop(self) -> None:

@@ -151,6 +151,14 @@ def _review_outbox(insp: dict, review_id: int, operator: str, chosen: str, note:
         yield "preference", f"pref-{iid}-{review_id}-{i}", {**base, "chosen": chosen, "rejected": text}
 
 
+def _refuse_second_review(db, inspection_id: int) -> None:
+    earlier = list(db.query("SELECT operator, ts FROM reviews WHERE inspection_id = ? ORDER BY id LIMIT 1",
+                            [inspection_id]))
+    if earlier:
+        raise StoreError(f"part #{inspection_id} was already reviewed by {earlier[0]['operator']} at "
+                         f"{earlier[0]['ts'][11:19]} UTC; the first review stands, go on with the next part")
+
+
 def _scan_frames(frames_dir: Path) -> dict[str, tuple[int, float]]:
     """{"ab/abcd....png": (size, mtime)} for every file under frames_dir/*/."""
     found = {}
@@ -318,10 +326,12 @@ class Store:
                            "(SELECT 1 FROM reviews r WHERE r.inspection_id = i.id) ORDER BY ts, id LIMIT ?", [limit])
         return [self._inspection_dict(r) for r in rows]
 
-    def history(self, verdict: str | None = None, flagged: bool | None = None, since: str | None = None,
-                limit: int = 100) -> list[dict]:
-        """Newest first; `since` is an ISO timestamp (UTC) compared with `ts`."""
-        filters = [("verdict = ?", verdict), ("flagged = ?", None if flagged is None else int(flagged)),
+    def history(self, verdict_contains: str | None = None, flagged: bool | None = None,
+                since: str | None = None, limit: int = 100) -> list[dict]:
+        """Newest first. `verdict_contains` matches part of the verdict, ignoring case; `since`
+        is an ISO timestamp (UTC) compared with `ts`."""
+        filters = [("instr(lower(verdict), lower(?)) > 0", verdict_contains),
+                   ("flagged = ?", None if flagged is None else int(flagged)),
                    ("ts >= ?", since)]
         used = [(clause, value) for clause, value in filters if value is not None]
         where = ("WHERE " + " AND ".join(c for c, _ in used)) if used else ""
@@ -330,13 +340,19 @@ class Store:
         return [self._inspection_dict(r) for r in rows]
 
     def add_review(self, inspection_id: int, operator: str, chosen_text: str, note: str = "") -> int:
-        """The review row and its outbox rows (review + preference pairs) in one transaction."""
+        """The review row and its outbox rows (review + preference pairs) in one transaction.
+        One review a part: a second one (another tablet, a double tap) is refused, so HQ never
+        gets two contradicting preferences for the same frame."""
+        if not chosen_text.strip():
+            raise StoreError("the chosen explanation is empty; tap one or type what is wrong with the part")
+
         def insert(db):
             with _immediate(db):
                 found = list(db.query("SELECT id, frame_sha256, model_version FROM inspections WHERE id = ?",
                                       [inspection_id]))
                 if not found:
                     raise StoreError(f"inspection {inspection_id} does not exist; pick one from the review queue")
+                _refuse_second_review(db, inspection_id)
                 texts = [r["text"] for r in db.query("SELECT text FROM scores WHERE inspection_id = ? "
                                                      "ORDER BY rank", [inspection_id])]
                 now = _iso(_utcnow())
@@ -379,6 +395,8 @@ class Store:
             "SELECT (SELECT count(*) FROM inspections) AS inspections, "
             "(SELECT count(*) FROM inspections WHERE flagged = 1) AS flagged, "
             "(SELECT count(DISTINCT inspection_id) FROM reviews) AS reviewed, "
+            "(SELECT count(*) FROM inspections i WHERE flagged = 1 AND NOT EXISTS "
+            "(SELECT 1 FROM reviews r WHERE r.inspection_id = i.id)) AS review_queue, "
             "(SELECT count(*) FROM outbox WHERE sent_at IS NULL) AS outbox_unsent")[0]
         counts["flag_rate"] = counts["flagged"] / counts["inspections"] if counts["inspections"] else 0.0
         return counts
@@ -419,7 +437,8 @@ class Store:
                            "(SELECT value FROM json_each(?))", [json.dumps(victims)])
             for rel in victims:     # after the commit, on the writer thread: no log_inspection races it
                 (self.frames_dir / rel).unlink(missing_ok=True)
-            log.info("pruned %d frame files", len(victims))
+            if victims:
+                log.info("pruned %d frame files", len(victims))
             return len(victims)
         return self._write(prune)
 
@@ -431,6 +450,11 @@ class Store:
                        "VALUES (?, ?, ?, 0, 0) ON CONFLICT(name) DO UPDATE SET pin_hash = excluded.pin_hash, "
                        "salt = excluded.salt, failed_attempts = 0, locked_until = 0",
                        [name, _hash_pin(pin, salt), salt.hex()]))
+
+    def keep_only_operators(self, names) -> None:
+        """Remove every operator not in `names`: taking someone out of the config revokes their PIN."""
+        self._execute(("DELETE FROM operators WHERE name NOT IN (SELECT value FROM json_each(?))",
+                       [json.dumps(sorted(names))]))
 
     def check_operator_pin(self, name: str, pin: str) -> bool:
         """True if the PIN is right. After 5 failures the operator is locked for 5 minutes."""

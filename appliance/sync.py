@@ -12,7 +12,8 @@
     (models_install.stage verifies signature, hashes, line and version), then call
     swap(staged_dir, manifest) -> (ok, reason). ok: switch `current`, record the version
     active. Not ok: record it rejected; the old model keeps serving and the version is not
-    tried again (HQ publishes a higher one).
+    tried again (HQ publishes a higher one). A swap that raises TrialInconclusive (the trial
+    ran out of time without an error) records nothing: the version is offered again.
 (c) POST status (model version, flag rate, backlog, install result) to HQ.
 
 Transient failures (connection errors, timeouts, 408/429/5xx) are retried with exponential
@@ -42,7 +43,7 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 
 from appliance import models_install
-from appliance.errors import LinejudgeError, ModelError, SyncError
+from appliance.errors import LinejudgeError, ModelError, SyncError, TrialInconclusive
 from models import bundle as lib
 
 log = logging.getLogger("linejudge.sync")
@@ -424,6 +425,11 @@ def _update_model(s: _Session, cfg, store, swap: Swap, model: dict, retry_reject
     try:
         outcome = swap(staged, verified)
         ok, reason = (outcome if isinstance(outcome, tuple) else (bool(outcome), ""))
+    except TrialInconclusive as exc:   # neither kept nor rejected: offered again next pass
+        shutil.rmtree(staged, ignore_errors=True)
+        log.warning("v%s not kept yet: %s", offered, exc)
+        model.update(action="deferred", reason=str(exc))
+        return
     except Exception as exc:  # the running appliance's check failed: keep the old model
         log.exception("swap to v%s failed", offered)
         ok, reason = False, f"swap raised {type(exc).__name__}: {exc}"

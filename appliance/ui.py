@@ -12,6 +12,7 @@ import gradio as gr
 import numpy as np
 
 from appliance.errors import LinejudgeError
+from appliance.preprocess import check_explanation
 
 CSS = """
 .gradio-container {font-size: 20px}
@@ -127,14 +128,17 @@ def create_ui(appliance) -> gr.Blocks:
         def do_review(who, inspection_id, text):
             if not who:
                 return "**Log in first.**", gr.update(), gr.update(), gr.update(), inspection_id
+            text = (text or "").strip()
             if inspection_id is None or not text:
                 return "", gr.update(), gr.update(), gr.update(), inspection_id
             try:
-                appliance.store.add_review(inspection_id, who, text.strip())
+                chosen = check_explanation(text)
+                appliance.store.add_review(inspection_id, who, chosen)
             except LinejudgeError as exc:
-                return f"**{exc}**", gr.update(), gr.update(), gr.update(), inspection_id
+                frame, info, update, next_id = next_review(appliance)   # e.g. reviewed elsewhere: move on
+                return f"**{exc}**", frame, info, update, next_id
             frame, info, update, next_id = next_review(appliance)
-            return f"Saved: part #{inspection_id} is *{text.strip()}*.", frame, info, update, next_id
+            return f"Saved: part #{inspection_id} is *{chosen}*.", frame, info, update, next_id
 
         choices.input(do_review, [operator, current, choices],
                       [review_msg, review_frame, review_info, choices, current])
@@ -143,7 +147,7 @@ def create_ui(appliance) -> gr.Blocks:
 
         def show_history(text, which):
             flagged = {"flagged": True, "not flagged": False}.get(which)
-            rows = appliance.store.history(verdict=text or None, flagged=flagged, limit=200)
+            rows = appliance.store.history(verdict_contains=text.strip() or None, flagged=flagged, limit=200)
             return [[r["id"], r["ts"][:19], r["verdict"], round(r["p_best"], 3), bool(r["flagged"]),
                      r["model_version"]] for r in rows]
 

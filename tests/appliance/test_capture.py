@@ -97,9 +97,66 @@ def test_grabber_reports_timeouts_and_source_errors():
         silent.get(timeout=0.1)
     silent.stop()
     broken = LatestFrameGrabber(Broken())
+    started = time.monotonic()
     with pytest.raises(CaptureError, match="camera unplugged"):
-        broken.get(timeout=2)
+        broken.get(timeout=0.4)
+    assert time.monotonic() - started >= 0.2      # waits for a frame; no busy loop for the caller
+    assert broken._thread.is_alive()              # still retrying
     broken.stop()
+    assert not broken._thread.is_alive()
+
+
+class FlakySource(CountingSource):
+    """Raises on its first read (a driver hiccup), then delivers frames."""
+
+    def read(self):
+        if self.n == 0:
+            self.n = 1
+            raise RuntimeError("driver hiccup")
+        return super().read()
+
+
+def test_grabber_survives_a_source_error_and_frames_keep_coming():
+    grabber = LatestFrameGrabber(FlakySource(), max_fps=50)
+    ids = [grabber.get(timeout=3)[0] for _ in range(3)]      # the retry comes after 0.5 s
+    grabber.stop()
+    assert ids == sorted(set(ids)) and grabber.error is None
+
+
+def test_replay_skips_a_file_deleted_after_listing(frames_folder):
+    grabber = LatestFrameGrabber(FolderReplay(frames_folder, cache_mb=0))
+    assert int(grabber.get(timeout=2)[1][0, 0]) == 90            # a.png
+    (frames_folder / "b.png").unlink()
+    values = [int(grabber.get(timeout=2)[1][0, 0]) for _ in range(4)]
+    grabber.stop()
+    assert 10 not in values and values.count(200) >= 1 and values.count(90) >= 1
+    assert grabber.error is None
+
+
+def test_opencv_source_reconnects_after_a_driver_error():
+    opens = []
+
+    class RaisingOnceCapture:
+        def __init__(self, target, api, params):
+            opens.append(target)
+
+        def isOpened(self):
+            return True
+
+        def read(self):
+            if len(opens) == 1:
+                raise cv2.error("driver lost the device")
+            return True, np.zeros((2, 2), np.uint8)
+
+        def set(self, *args):
+            return True
+
+        def release(self):
+            pass
+    waits = []
+    source = OpenCVSource(1, sleep=waits.append, opener=RaisingOnceCapture)
+    assert source.read() is None and source.read() is not None
+    assert len(opens) == 2 and waits == [0.5]
 
 
 def test_opencv_source_backs_off_on_a_missing_file(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 
 from appliance.config import config_from_dict
 from appliance.errors import ConfigError
+from appliance import service
 from appliance.service import STOP_JOIN_S, Appliance
 from appliance.store import Store
 from models import bundle as lib
@@ -208,15 +209,32 @@ def test_bundle_that_fails_in_inspection_is_rolled_back(make_appliance, hq_serve
     assert "rolled back" in entry["last_install"]["reason"]
 
 
-def test_a_trial_that_times_out_is_rolled_back(make_appliance, hq_server, v2):
+def test_a_trial_that_times_out_is_rolled_back_and_offered_again(make_appliance, hq_server, v2):
+    """Too few inspections in time (a slow model or an idle line) but no error: the old model
+    comes back, nothing is recorded as rejected, and the next pass tries the bundle again."""
     state, _, _ = hq_server
     hq.publish_bundle(state, v2)
-    app = make_appliance(commit_after_inspections=10_000, commit_timeout_s=0.5)
+    app = make_appliance(commit_timeout_s=0.5)
+    open_runtime = app._open_runtime
+
+    def slow_runtime(bundle, manifest):
+        runtime = open_runtime(bundle, manifest)
+        judge = runtime.judge
+
+        def slow_judge(*args, **kwargs):
+            time.sleep(0.3)
+            return judge(*args, **kwargs)
+        runtime.judge = slow_judge
+        return runtime
+    app._open_runtime = slow_runtime
     app.start()
-    result = wait_for(synced(app, "rejected"), what="the rollback")
-    assert "commit_timeout_s" in result["model"]["reason"]
+    result = wait_for(synced(app, "deferred"), what="the deferred trial")
+    assert "commit_timeout_s" in result["model"]["reason"] and result["ok"]
     assert app.runtime.version == 1 and current_version(app) is None
-    assert fleet_entry(state)["last_install"]["state"] == "rejected"
+    assert all(m["state"] != "rejected" for m in app.store.model_states())
+    app._open_runtime = open_runtime                      # the line runs normally again
+    wait_for(synced(app, "installed"), what="the retried install")
+    assert app.runtime.version == 2 and current_version(app) == 2
 
 
 def test_stop_ends_an_idle_sync_thread_promptly(make_appliance):
@@ -259,7 +277,32 @@ def test_no_sync_thread_without_hq_or_with_interval_zero(make_appliance, overrid
     ("commit_after_inspections", 0, "commit_after_inspections: 20"),
     ("commit_after_inspections", 2.5, "whole number"),
     ("commit_timeout_s", 0, "commit_timeout_s: 60"),
+    ("commit_after_inspections", 1000, "raise commit_timeout_s"),    # 1000 frames at 10 fps > 60 s
 ])
 def test_bad_sync_settings_are_refused(key, value, words):
     with pytest.raises(ConfigError, match=words):
         config_from_dict({key: value})
+
+
+class NoiseCamera:
+    """A live camera whose every frame differs (so each saved frame file has one inspection)."""
+    name, live = "noise", True
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def read(self):
+        return self.rng.integers(0, 255, (64, 64), np.uint8)
+
+    def close(self):
+        pass
+
+
+def test_saved_frames_are_pruned_while_the_appliance_runs(make_appliance, monkeypatch):
+    """retention_days (here about 0.9 s) is enforced by the running service, not only by tests."""
+    monkeypatch.setattr(service, "PRUNE_INTERVAL_S", 0.2)
+    monkeypatch.setattr(service, "open_source", lambda spec: NoiseCamera())
+    app = make_appliance(hq_url=None, save_frames=True, retention_days=1e-5, source=0)
+    app.start()
+    pruned = "SELECT count(*) AS n FROM inspections WHERE frame_path IS NULL"   # saved, then expired
+    wait_for(lambda: app.store._query(pruned)[0]["n"] > 0, what="expired frames pruned")

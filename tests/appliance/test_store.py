@@ -66,12 +66,14 @@ def test_log_and_read_back(store):
     sha = hashlib.sha256(data).hexdigest()
     assert got["frame_sha256"] == sha and got["frame_path"] == f"{sha[:2]}/{sha}.png"
     assert Path(got["frame_file"]).read_bytes() == data
-    log(store, 1, verdict="no defect")
-    assert [r["verdict"] for r in store.history(verdict="no defect")] == ["no defect"]
+    log(store, 1, verdict="No defect")
+    assert [r["verdict"] for r in store.history(verdict_contains="no def")] == ["No defect"]
+    assert [r["id"] for r in store.history(verdict_contains="CRACK")] == [iid]      # part of it, any case
     assert [r["id"] for r in store.history(flagged=True)] == [iid]
     assert len(store.history(since=got["ts"])) == 2 and store.history(since="2999-01-01") == []
     assert store.inspection(12345) is None
-    assert store.stats() == {"inspections": 2, "flagged": 1, "reviewed": 0, "outbox_unsent": 0, "flag_rate": 0.5}
+    assert store.stats() == {"inspections": 2, "flagged": 1, "reviewed": 0, "review_queue": 1,
+                             "outbox_unsent": 0, "flag_rate": 0.5}
 
 
 def test_review_writes_review_and_preference_outbox(store):
@@ -121,6 +123,26 @@ def test_review_queue_is_oldest_first_and_skips_reviewed(store):
     store.add_review(ids[1], "ann", "no defect")
     assert [r["id"] for r in store.review_queue()] == [ids[0], ids[2], ids[3]]
     assert [r["id"] for r in store.review_queue(limit=1)] == [ids[0]]
+    assert store.stats()["review_queue"] == 3
+
+
+def test_a_part_is_reviewed_once_and_never_with_an_empty_explanation(store):
+    iid = log(store, flagged=True)
+    store.add_review(iid, "ann", "finger interruption")
+    with pytest.raises(StoreError, match="already reviewed by ann"):      # a second tablet, a double tap
+        store.add_review(iid, "bob", "no defect")
+    with pytest.raises(StoreError, match="empty"):
+        store.add_review(log(store, 1, flagged=True), "ann", "   ")
+    assert count(store, "reviews") == 1 and count(store, "outbox") == 3
+    chosen = {r["payload"]["chosen"] for r in store.unsent_outbox() if r["kind"] == "preference"}
+    assert chosen == {"finger interruption"}
+
+
+def test_operators_left_out_of_the_config_lose_their_pin(store):
+    store.set_operator_pin("alice", "4711")
+    store.set_operator_pin("bob", "0815")
+    store.keep_only_operators({"bob": "0815"})
+    assert not store.check_operator_pin("alice", "4711") and store.check_operator_pin("bob", "0815")
 
 
 def test_prune_never_deletes_frames_of_unsent_outbox(store):

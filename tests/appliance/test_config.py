@@ -1,0 +1,48 @@
+"""The appliance config refuses values that would silently do the wrong thing on the line."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance.config import config_from_dict, load_config
+from appliance.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "appliance.example.yaml"
+
+
+@pytest.mark.parametrize("text,words", [
+    ("thresholds: {p_best: 75}", "p_best must be a number between 0 and 1"),
+    ("thresholds: {p_defect: -1}", "p_defect must be a number between 0 and 1"),
+    ("thresholds: {p_best: high}", "p_best must be a number"),
+    ("thresholds: {ood_distance: -2}", "ood_distance must be a number 0 or more"),
+    ("operator_pins: {bob: 04711}", 'PIN of bob must be quoted, e.g. bob: "0427"'),
+    ("operator_pins: {alice: 4242}", "PIN of alice must be quoted"),
+    ("operator_pins: [alice]", "operator_pins must be a mapping"),
+    ("thresholds: 0.5", "thresholds must be a mapping"),
+    ('save_frames: "no"', "save_frames must be true or false"),
+    ("retention_days: -5", "retention_days must be a positive number"),
+    ("frame_budget_mb: 0", "frame_budget_mb must be a positive number"),
+    ("threads: -2", "threads must be a whole number of at least 1"),
+    ("threads: 1.5", "threads must be a whole number"),
+    ("max_fps: fast", "max_fps must be a positive number"),
+    ("providers: cpu", r"providers must be a list, e.g. providers: \[cpu\]"),
+    ("trusted_keys: keys/hq.pub", "trusted_keys must be a list"),
+    ("source: 'elpv:tset'", "ELPV replay splits are elpv:train, elpv:val, elpv:test"),
+    ("{commit_after_inspections: 100, max_fps: 1, commit_timeout_s: 60}", "raise commit_timeout_s"),
+])
+def test_bad_values_are_refused_with_the_fix(text, words):
+    with pytest.raises(ConfigError, match=words):
+        config_from_dict(yaml.safe_load(text), "appliance.yaml")
+
+
+def test_good_values_pass_and_null_turns_the_possible_defect_check_off():
+    cfg = config_from_dict(yaml.safe_load(
+        'thresholds: {p_best: 0.6, p_defect: null, ood_distance: 4}\n'
+        'operator_pins: {bob: "04711"}\nthreads: 2\nsource: "elpv:val"\nproviders: [cuda, cpu]'))
+    assert cfg.operator_pins == {"bob": "04711"} and cfg.providers == ("cuda", "cpu")
+    assert cfg.thresholds["p_defect"] is None
+
+
+def test_the_shipped_example_config_loads():
+    assert load_config(EXAMPLE).line
+
