@@ -37,6 +37,12 @@ def cmd_sync(args) -> int:
     from appliance.store import Store
     from appliance.sync import sync_once
     cfg = load_config(args.config)
+    if cfg.hq_url and cfg.sync_interval_s > 0:
+        raise ConfigError(
+            f"{args.config}: the appliance service syncs with HQ itself (sync_interval_s: "
+            f"{cfg.sync_interval_s:g}) and hot-swaps new models; a second sync here would install "
+            "bundles behind its back. Use one of the two: `systemctl disable --now appliance-sync.timer`, "
+            "or set sync_interval_s: 0 to sync with this command (a new model then starts with the service)")
     store = Store(cfg.db_path, cfg.frames_dir)
     try:
         result = sync_once(cfg, store)
@@ -48,6 +54,7 @@ def cmd_sync(args) -> int:
 
 def cmd_hq(args) -> int:
     from training.hq import server
+    _require_hq_flags(args)
     database_url = args.database_url or os.environ.get("LINEJUDGE_HQ_DATABASE_URL") or None
     state = server.open_state(Path(args.state_dir), database_url)
     try:
@@ -68,13 +75,19 @@ def cmd_hq(args) -> int:
         state.close()
 
 
+HQ_NEEDS = {"add-appliance": ("appliance",), "publish": ("bundle",), "retrain": ("config", "base", "out")}
+
+
+def _require_hq_flags(args) -> None:
+    """Each hq action's own flags, checked before any state is opened."""
+    missing = [f"--{name}" for name in HQ_NEEDS.get(args.action, ()) if not getattr(args, name)]
+    if missing:
+        raise LinejudgeError(f"hq {args.action} needs {', '.join(missing)}: see `linejudge hq --help`")
+
+
 def _hq_retrain(args, state) -> int:
     from training.config import load_config
     from training.hq.retrain import RetrainOptions, retrain
-    missing = [flag for flag, value in (("--config", args.config), ("--base", args.base), ("--out", args.out))
-               if not value]
-    if missing:
-        raise LinejudgeError(f"hq retrain needs {', '.join(missing)}: see `linejudge hq --help`")
     opts = RetrainOptions(hq_state=state, base_run=Path(args.base), out=Path(args.out),
                           line=args.line, key=Path(args.key) if args.key else None, key_id=args.key_id,
                           gate_points=args.gate_points, fleet_repeat=args.fleet_repeat)
@@ -124,6 +137,9 @@ def cmd_bundle(args) -> int:
         private, public = lib.generate_keypair(args.out, args.key_id)
         print(f"private key {private} (keep it at HQ)\npublic key  {public} (give it to appliances)")
     elif args.action == "sign":
+        if not args.key:
+            raise ConfigError("sign needs the HQ private key: pass --key <file>.key (written by "
+                              "`linejudge bundle keygen`) and --key-id if it is not 'hq'")
         print(f"signed {lib.sign_bundle(args.bundle, args.key, args.key_id)}")
     elif args.action == "recalibrate":
         if not args.key:
@@ -162,6 +178,28 @@ def _default_trust(bundle) -> list:
     return keys
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse prints the message with the option's name)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, e.g. 16; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, e.g. 20; got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linejudge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,20 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.add_argument("--json", required=True, help="where to write the metrics JSON")
     p.add_argument("--report", help="HTML report path (default: beside the JSON)")
-    p.add_argument("--limit", type=int, help="evaluate on at most this many frames per set")
+    p.add_argument("--limit", type=positive_int, help="evaluate on at most this many frames per set")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="trained run -> signed bundle (ONNX fp32 + INT8, optional TensorRT)")
     p.add_argument("--checkpoint", required=True, help="run directory (uses distill/model)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--line", default="el-solar")
-    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--version", type=positive_int, default=1, help="bundle version, 1 or more")
     p.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), default="minmax")
-    p.add_argument("--calibration-frames", type=int, default=320)
+    p.add_argument("--calibration-frames", type=positive_int, default=320,
+                   help="train frames the INT8 calibration sees")
     p.add_argument("--keep-fp32", nargs="*", help="ONNX node names, or prefixes ending in '/' (e.g. /blocks.0/), to leave unquantized")
     p.add_argument("--key", help="ed25519 private key to sign with")
     p.add_argument("--key-id", help="key id recorded in the signature (default: key file name)")
-    p.add_argument("--val-limit", type=int, help="use at most this many val frames (quick checks)")
+    p.add_argument("--val-limit", type=positive_int, help="use at most this many val frames (quick checks)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines on this GPU")
     p.add_argument("--trt-precision", choices=("fp16", "int8"), default="fp16")
     p.set_defaults(func=cmd_export)
@@ -241,17 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--line", default="el-solar")
     p.add_argument("--gate-points", type=float, default=0.5,
                    help="retrain: allowed drop on ELPV val and golden frames, in points")
-    p.add_argument("--fleet-repeat", type=int, default=8, help="retrain: oversampling of fleet pairs")
+    p.add_argument("--fleet-repeat", type=positive_int, default=8, help="retrain: oversampling of fleet pairs")
     p.set_defaults(func=cmd_hq)
 
     p = sub.add_parser("bench", help="latency/throughput of torch, ONNX fp32 and INT8 (JSON + PNG)")
     p.add_argument("--json", required=True)
     p.add_argument("--run", default="runs/full", help="training run (torch variants)")
     p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle (ONNX variants)")
-    p.add_argument("--frames", type=int, default=30, help="timed frames per setting")
+    p.add_argument("--frames", type=positive_int, default=30, help="timed frames per setting")
     p.add_argument("--pipeline", action="store_true", help="whole appliance pipeline from a replay source")
-    p.add_argument("--seconds", type=float, default=20.0, help="--pipeline: how long each run lasts")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--seconds", type=positive_float, default=20.0, help="--pipeline: how long each run lasts")
+    p.add_argument("--repeats", type=positive_int, default=3,
                    help="runs of the ONNX variants (--pipeline: whole runs); the median is reported")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from appliance.errors import ModelError
 
 CANDIDATES = (1, 4, 16, 64)
 VARIANTS = ("torch-teacher", "torch-student", "onnx-fp32", "onnx-int8")
@@ -171,10 +174,38 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+class BenchError(ModelError):
+    """A benchmark input is missing, or a variant's process failed (its own error is quoted)."""
+
+
+def check_inputs(run_dir: Path, bundle: Path) -> None:
+    """Every variant's files, before any process starts."""
+    run_dir, bundle = Path(run_dir), Path(bundle)
+    for sub in ("multimodal/model", "distill/model"):
+        if not (run_dir / sub / "model.safetensors").is_file():
+            raise BenchError(f"run {run_dir} has no {sub} (the torch variants need the teacher and the "
+                             f"student): pass --run with a finished `linejudge train` run directory, e.g. "
+                             f"`linejudge train --config training/configs/full.yaml --out {run_dir}` first")
+    if not (bundle / "manifest.json").is_file():
+        raise BenchError(f"{bundle} is not a bundle (no manifest.json): pass --bundle with a directory "
+                         f"written by `linejudge export`")
+
+
 def _measure(variant: str, run_dir: Path, bundle: Path, frames: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "export.bench", variant, str(run_dir), str(bundle), str(frames)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise BenchError(f"bench {variant} failed (exit {out.returncode}): {child_error(out.stderr)}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_error(stderr: str) -> str:
+    """The child's own message: the last non-empty stderr line (a traceback's last line names
+    the exception and its message), else a note that it printed nothing."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if not lines:
+        return "it printed no error (killed? out of memory?)"
+    return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", lines[-1])   # drop the module path
 
 
 def median_run(summaries: list[dict], key: str = "int8_vs_fp32_speedup_n16") -> dict:
@@ -190,6 +221,7 @@ def run_bench(run_dir: Path, bundle: Path, json_path: Path, frames: int = 30, re
     """The torch variants once (their gap to INT8 is two orders of magnitude); the ONNX variants,
     whose ratio is what this noisy-neighbour machine moves, `repeats` times, each in a fresh
     process, interleaved; the median run is reported."""
+    check_inputs(run_dir, bundle)
     torch_results = {}
     for variant in VARIANTS[:2]:
         print(f"bench {variant} ...", flush=True)

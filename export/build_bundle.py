@@ -54,6 +54,14 @@ class ExportOptions:
     gate_points: float = 0.5          # max pairwise-accuracy loss of INT8, in points
     gate_top1: float = 0.99           # min top-1 agreement INT8 vs fp32
 
+    def __post_init__(self):
+        for name, value, example in (("version", self.version, 2),
+                                     ("calibration_frames", self.calibration_frames, CALIBRATION_FRAMES),
+                                     ("val_limit", 1 if self.val_limit is None else self.val_limit, 200)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"export {name} must be a whole number of at least 1, "
+                                  f"e.g. --{name.replace('_', '-')} {example}; got {value!r}")
+
 
 def student_dir(checkpoint: Path) -> Path:
     checkpoint = Path(checkpoint)
@@ -65,14 +73,31 @@ def student_dir(checkpoint: Path) -> Path:
 
 
 def checkpoint_to_bundle(checkpoint: Path, out: Path, opts: ExportOptions) -> dict:
+    """Build the bundle in `<out>.partial` and rename it to `out` only when every step passed:
+    a failed export leaves `out` as it was and no `.partial` behind."""
+    if opts.key:
+        bundle_lib.load_private_key(opts.key)    # a bad key fails here, before any export work
     model = load_model(student_dir(checkpoint))
+    final = Path(out)
+    partial = final.with_name(final.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        manifest = _build_bundle(model, Path(checkpoint), partial, opts)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    return manifest
+
+
+def _build_bundle(model, run_dir: Path, out: Path, opts: ExportOptions) -> dict:
+    """The five steps, written into `out`."""
     cfg = model.config
     spec = PreprocessSpec(cfg.image_size, max_tokens=cfg.max_tokens)
-    final = Path(out)
-    out = final.with_name(final.name + ".partial")     # a failed export leaves `final` as it was
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", spec.max_tokens)
     catalog = load_catalog(EL_CATALOG)
     steps = tqdm(total=5, desc="export", dynamic_ncols=True)
@@ -104,7 +129,6 @@ def checkpoint_to_bundle(checkpoint: Path, out: Path, opts: ExportOptions) -> di
     steps.update()
 
     # 5. manifest + signature
-    run_dir = Path(checkpoint)
     manifest = bundle_lib.build_manifest(
         out, line=opts.line, version=opts.version, expires_days=opts.expires_days,
         compatible={"input": input_spec(spec), "opset": to_onnx.OPSET, "onnxruntime": ">=1.18"},
@@ -119,9 +143,6 @@ def checkpoint_to_bundle(checkpoint: Path, out: Path, opts: ExportOptions) -> di
     bundle_lib.write_manifest(out, manifest)
     if opts.key:
         bundle_lib.sign_bundle(out, opts.key, opts.key_id)
-    if final.exists():
-        shutil.rmtree(final)
-    out.rename(final)
     steps.update()
     steps.close()
     return manifest

@@ -116,6 +116,9 @@ def generate_keypair(out_dir: Path, key_id: str) -> tuple[Path, Path]:
 
 def load_private_key(path) -> Ed25519PrivateKey:
     """Load an unencrypted PEM ed25519 private key."""
+    if not path:
+        raise BundleError("no private key given: pass --key with the .key file written by "
+                          "'linejudge bundle keygen'")
     path = Path(path)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)

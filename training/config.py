@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from models.reward_model import STUDENT, TEACHER, ModelConfig
 STAGE_NAMES = ("text", "multimodal", "distill", "fleet")
 SELECT_BY = {"pairwise": "val_pairwise_accuracy", "elpv_binary": "val_elpv_binary_accuracy"}
 FLEET_STAGES = ("fleet", "distill")   # `linejudge hq retrain` configs: exactly these, in order
+ELPV_TYPES = ("mono", "poly")
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,27 @@ class DataConfig:
     text_pairs: int = 2000
 
     def __post_init__(self):
-        if not 1 <= self.synthetic_negatives <= 16:
+        _flag("data", "use_elpv", self.use_elpv)
+        _whole("data", "elpv_train_limit", self.elpv_train_limit, 1, 400,
+               none="for the whole train part; use_elpv: false trains without ELPV")
+        _whole("data", "elpv_val_limit", self.elpv_val_limit, 1, 120, none="for the whole val part")
+        self._check_types()
+        _whole("data", "synthetic_train", self.synthetic_train, 0, 1200)
+        _whole("data", "synthetic_val", self.synthetic_val, 1 if self.synthetic_train else 0, 300)
+        _number("data", "synthetic_on_elpv_fraction", self.synthetic_on_elpv_fraction, 0.0, 1.0, 0.5)
+        _whole("data", "text_pairs", self.text_pairs, 1, 2000)
+        if not _is_whole(self.synthetic_negatives) or not 1 <= self.synthetic_negatives <= 16:
             raise ConfigError("data.synthetic_negatives must be between 1 and 16 "
-                              "(a defect has 16 one-fact changes)")
+                              f"(a defect has 16 one-fact changes), e.g. synthetic_negatives: 3; "
+                              f"got {self.synthetic_negatives!r}")
+
+    def _check_types(self) -> None:
+        types = self.elpv_types
+        if (not isinstance(types, tuple) or not types or len(set(map(str, types))) != len(types)
+                or not all(isinstance(t, str) and t in ELPV_TYPES for t in types)):
+            raise ConfigError(f"data.elpv_types must be a list of distinct cell types from "
+                              f"{', '.join(ELPV_TYPES)} (lower case), e.g. elpv_types: [mono]; "
+                              f"got {list(types) if isinstance(types, tuple) else types!r}")
 
 
 @dataclass(frozen=True)
@@ -54,11 +74,21 @@ class StageConfig:
     def __post_init__(self):
         if self.name not in STAGE_NAMES:
             raise ConfigError(f"unknown stage {self.name!r}; stages are {', '.join(STAGE_NAMES)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError(f"stage {self.name}: epochs, batch_size and lr must be positive")
-        if self.fact_loss < 0 or (self.fact_loss and self.name == "text"):
+        where = f"stage {self.name}"
+        _whole(where, "epochs", self.epochs, 1, 3)
+        _whole(where, "batch_size", self.batch_size, 1, 16)
+        _whole(where, "max_steps_per_epoch", self.max_steps_per_epoch, 1, 200, none="for whole epochs")
+        _number(where, "lr", self.lr, 0.0, None, 0.001, above=True)
+        _number(where, "weight_decay", self.weight_decay, 0.0, None, 0.01)
+        _number(where, "centring", self.centring, 0.0, None, 0.01)
+        _number(where, "temperature", self.temperature, 0.0, None, 1.0, above=True)
+        _number(where, "distill_alpha", self.distill_alpha, 0.0, 1.0, 0.7)
+        _flag(where, "shortcut_weighting", self.shortcut_weighting)
+        _number(where, "fact_loss", self.fact_loss, 0.0, None, 0.5)
+        if self.fact_loss and self.name == "text":
             raise ConfigError(f"stage {self.name}: fact_loss must be >= 0 and is for image stages only")
-        if self.select not in SELECT_BY or (self.select != "pairwise" and self.name not in ("multimodal", "distill")):
+        if not isinstance(self.select, str) or self.select not in SELECT_BY or (
+                self.select != "pairwise" and self.name not in ("multimodal", "distill")):
             raise ConfigError(f"stage {self.name}: select must be one of {', '.join(SELECT_BY)} "
                               f"(elpv_binary is for the multimodal and distill stages), got {self.select!r}")
 
@@ -74,6 +104,10 @@ class TrainConfig:
     stages: tuple[StageConfig, ...] = ()
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"name must be a non-empty text, e.g. name: tiny; got {self.name!r}")
+        _whole("", "seed", self.seed, 0, 0)
+        _whole("", "threads", self.threads, 1, 2, none="for torch's default")
         names = [s.name for s in self.stages]
         if not names:
             raise ConfigError("a training config needs at least one stage")
@@ -94,6 +128,60 @@ class TrainConfig:
         return asdict(self)
 
 
+def _whole(where: str, key: str, value, least: int, example: int, none: str | None = None) -> None:
+    """A whole number >= least; None too where `none` says what leaving it out means."""
+    if value is None and none:
+        return
+    if not _is_whole(value) or value < least:
+        left_out = f" (or left out {none})" if none else ""
+        raise ConfigError(f"{_key(where, key)} must be a whole number >= {least}{left_out}, "
+                          f"e.g. {key}: {example}; got {value!r}{_text_hint(value)}")
+
+
+def _number(where: str, key: str, value, low: float, high: float | None, example: float,
+            above: bool = False) -> None:
+    """A finite number in [low, high] ((low, high] with above=True; no upper end for high=None)."""
+    fits = _is_number(value) and (value > low if above else value >= low) and (high is None or value <= high)
+    if not fits:
+        span = f"> {low:g}" if above else f">= {low:g}"
+        span = f"between {low:g} and {high:g}" if high is not None else span
+        raise ConfigError(f"{_key(where, key)} must be a number {span}, e.g. {key}: {example}; "
+                          f"got {value!r}{_text_hint(value)}")
+
+
+def _flag(where: str, key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{_key(where, key)} must be true or false, e.g. {key}: true; got {value!r}")
+
+
+def _key(where: str, key: str) -> str:
+    if not where:
+        return key
+    return f"{where}.{key}" if where == "data" else f"{where}: {key}"
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text_hint(value) -> str:
+    """YAML 1.1 (PyYAML) reads 3e-4 as text: a float needs a dot and a signed exponent (3.0e-4).
+    Such text is refused, not converted, so the file means what every YAML reader reads."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    plain = f"{number:g}" if number.is_integer() else repr(number)
+    return (f" (YAML reads {value} as text, not a number: write {plain}; an exponent needs a dot "
+            f"and a sign, as in 3.0e-4)")
+
+
 def _build(cls, data: dict, where: str):
     _check_keys(cls, data, where)
     try:
@@ -103,16 +191,19 @@ def _build(cls, data: dict, where: str):
 
 
 def config_from_dict(data: dict, name: str = "config") -> TrainConfig:
-    data = dict(data or {})
-    _check_keys(TrainConfig, data, name)
+    data = dict(_check_keys(TrainConfig, {} if data is None else data, name))
     try:
         teacher = replace(TEACHER, **_check_keys(ModelConfig, data.pop("teacher", {}), f"{name}: teacher"))
         student = replace(STUDENT, **_check_keys(ModelConfig, data.pop("student", {}), f"{name}: student"))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: {exc}") from None
-    data_cfg = _build(DataConfig, _tuples(data.pop("data", {})), f"{name}: data")
-    stages = tuple(_build(StageConfig, s, f"{name}: stages[{i}]")
-                   for i, s in enumerate(data.pop("stages", None) or []))
+    data_cfg = _build(DataConfig, _tuples(_check_keys(DataConfig, data.pop("data", None) or {}, f"{name}: data")),
+                      f"{name}: data")
+    stages = data.pop("stages", None) or []
+    if not isinstance(stages, list):
+        raise ConfigError(f"{name}: stages must be a list of mappings, e.g. stages: [{{name: text, epochs: 1}}]; "
+                          f"got {type(stages).__name__}")
+    stages = tuple(_build(StageConfig, s, f"{name}: stages[{i}]") for i, s in enumerate(stages))
     data.setdefault("name", name)
     try:
         return TrainConfig(teacher=teacher, student=student, data=data_cfg, stages=stages, **data)

@@ -145,7 +145,15 @@ def _confusion(truth, pred, k) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ the whole evaluation
+def check_limit(limit) -> None:
+    """None (every frame) or a whole number >= 1: a limit of 0 or below would evaluate nothing."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError(f"the evaluation limit must be a whole number of at least 1 (or left out for "
+                          f"every frame), e.g. --limit 200; got {limit!r}")
+
+
 def evaluate(model_dir: Path, split: str, limit: int | None = None, seed: int = 0) -> tuple[dict, dict]:
+    check_limit(limit)
     found = find_models(model_dir)
     model = load_model(found["model"])
     spec = PreprocessSpec(model.config.image_size, max_tokens=model.config.max_tokens)
@@ -209,6 +217,7 @@ def _heldout(model, enc, syn, data, seed) -> dict:
 def evaluate_cli(args) -> int:
     from training.report import write_report
     from training.evaluate_bundle import HEADLINE, OPERATOR_KEYS, evaluate_bundle, is_bundle
+    check_limit(args.limit)
     out = Path(args.json)
     if is_bundle(args.model):       # the exported graphs: JSON only, INT8 beside fp32
         metrics = evaluate_bundle(Path(args.model), args.split, args.limit)

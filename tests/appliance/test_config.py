@@ -46,3 +46,12 @@ def test_good_values_pass_and_null_turns_the_possible_defect_check_off():
 def test_the_shipped_example_config_loads():
     assert load_config(EXAMPLE).line
 
+
+def test_the_sync_command_refuses_while_the_service_syncs_by_itself(tmp_path, capsys):
+    from appliance.cli import main
+    config = tmp_path / "appliance.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nhq_url: http://hq.invalid\nsync_interval_s: 300\n")
+    assert main(["sync", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "syncs with HQ itself" in err and "sync_interval_s: 0" in err
+    assert not (tmp_path / "state").exists()           # nothing opened, nothing sent

@@ -108,6 +108,7 @@ def test_a_failed_export_leaves_the_existing_bundle_alone(tiny_run, tmp_path):
     with pytest.raises(ExportGateError, match="INT8 fails the gate"):
         checkpoint_to_bundle(tiny_run[0], existing, impossible)
     assert [p.name for p in existing.iterdir()] == ["manifest.json"]
+    assert not (tmp_path / "el-solar-default.partial").exists()      # nothing half-built is left
 
 
 def test_keep_fp32_takes_node_prefixes_and_leaves_those_nodes_in_float(tiny_bundle, tmp_path):

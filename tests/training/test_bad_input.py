@@ -96,3 +96,30 @@ def test_eval_of_a_missing_model_is_one_line(tmp_path):
     result = run_cli("eval", "--model", str(tmp_path / "nothing"), "--json", str(tmp_path / "x.json"))
     assert result.returncode == 2
     assert "holds no trained model" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text, key", [
+    ("stages: [{name: text, lr: 3e-4}]\n", "lr"),              # YAML 1.1 reads 3e-4 as text
+    ("data: [1]\nstages: [{name: text}]\n", "data"),            # was an AttributeError traceback
+    ("data: {elpv_types: [Mono]}\nstages: [{name: multimodal}]\n", "elpv_types"),
+])
+def test_a_wrong_config_value_is_one_line_from_train(tmp_path, text, key):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    result = run_cli("train", "--config", str(bad), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert key in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["-3", "0", "lots"])
+def test_eval_limit_must_be_a_positive_whole_number(tmp_path, value):
+    result = run_cli("eval", "--model", str(tmp_path), "--json", str(tmp_path / "x.json"), "--limit", value)
+    assert result.returncode == 2
+    assert "--limit" in result.stderr and "at least 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_refuses_a_limit_below_one(tmp_path):
+    from training.evaluate import evaluate
+    with pytest.raises(ConfigError, match="at least 1"):
+        evaluate(tmp_path, "val", limit=0)

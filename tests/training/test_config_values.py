@@ -1,0 +1,73 @@
+"""Every training-config value is checked for type and range when the YAML is loaded: a wrong
+one is a ConfigError naming the key and a valid example, not a crash minutes into training."""
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ConfigError
+from training.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
+TEXT = "stages: [{name: text}]\n"
+MULTIMODAL = "stages: [{name: multimodal}]\n"
+
+
+@pytest.mark.parametrize("text, key, example", [
+    ("stages: [{name: text, lr: 3e-4}]\n", "lr", "write 0.0003"),          # YAML 1.1 reads 3e-4 as text
+    ("stages: [{name: text, lr: 0}]\n", "lr", "lr: 0.001"),
+    ("stages: [{name: distill, temperature: 0}]\n", "temperature", "temperature: 1.0"),
+    ("stages: [{name: distill, temperature: -1}]\n", "temperature", "temperature: 1.0"),
+    ("stages: [{name: distill, distill_alpha: 1.5}]\n", "distill_alpha", "between 0 and 1"),
+    ("stages: [{name: distill, distill_alpha: -0.1}]\n", "distill_alpha", "between 0 and 1"),
+    ("stages: [{name: multimodal, weight_decay: -0.01}]\n", "weight_decay", "weight_decay: 0.01"),
+    ("stages: [{name: multimodal, centring: -1}]\n", "centring", "centring: 0.01"),
+    ("stages: [{name: multimodal, epochs: 2.5}]\n", "epochs", "whole number"),
+    ("stages: [{name: multimodal, batch_size: '16'}]\n", "batch_size", "write 16"),
+    ("stages: [{name: multimodal, shortcut_weighting: 'no'}]\n", "shortcut_weighting", "true or false"),
+    ("stages: [{name: multimodal, max_steps_per_epoch: -3}]\n", "max_steps_per_epoch", "or left out"),
+    ("stages: [{name: multimodal, lr: .nan}]\n", "lr", "lr: 0.001"),
+    ("stages: [{name: multimodal, select: [pairwise]}]\n", "select", "pairwise"),
+    ("data: {elpv_train_limit: -5}\n" + MULTIMODAL, "elpv_train_limit", "elpv_train_limit: 400"),
+    ("data: {elpv_val_limit: 0}\n" + MULTIMODAL, "elpv_val_limit", ">= 1"),
+    ("data: {elpv_types: [Mono]}\n" + MULTIMODAL, "elpv_types", "elpv_types: [mono]"),
+    ("data: {elpv_types: mono}\n" + MULTIMODAL, "elpv_types", "a list"),
+    ("data: {elpv_types: []}\n" + MULTIMODAL, "elpv_types", "mono, poly"),
+    ("data: {synthetic_train: -1}\n" + MULTIMODAL, "synthetic_train", "synthetic_train: 1200"),
+    ("data: {synthetic_val: 0}\n" + MULTIMODAL, "synthetic_val", ">= 1"),
+    ("data: {synthetic_on_elpv_fraction: 3}\n" + MULTIMODAL, "synthetic_on_elpv_fraction", "between 0 and 1"),
+    ("data: {synthetic_negatives: three}\n" + MULTIMODAL, "synthetic_negatives", "synthetic_negatives: 3"),
+    ("data: {use_elpv: 'yes'}\n" + MULTIMODAL, "use_elpv", "true or false"),
+    ("data: {text_pairs: 0}\n" + TEXT, "text_pairs", "text_pairs: 2000"),
+    ("data: [1]\n" + TEXT, "data", "must be a mapping"),
+    ("seed: abc\n" + TEXT, "seed", "seed: 0"),
+    ("seed: -1\n" + TEXT, "seed", "seed: 0"),
+    ("threads: -1\n" + TEXT, "threads", "threads: 2"),
+    ("threads: 0\n" + TEXT, "threads", "or left out"),
+    ("stages: {name: text}\n", "stages", "must be a list"),
+    ("- seed: 1\n", "config", "must be a mapping"),
+])
+def test_a_wrong_value_names_its_key_and_a_valid_example(tmp_path, text, key, example):
+    bad = tmp_path / "config.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    assert key in str(caught.value) and example in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("text", [
+    "stages: [{name: text, lr: 3.0e-4}]\n",
+    "stages: [{name: text, lr: 0.0003, max_steps_per_epoch: 5}]\n",
+    "threads: 1\nseed: 7\ndata: {elpv_types: [poly, mono], elpv_val_limit: 1, synthetic_train: 0, "
+    "synthetic_val: 0, synthetic_on_elpv_fraction: 1}\n" + MULTIMODAL,
+    "stages: [{name: distill, temperature: 0.5, distill_alpha: 0, weight_decay: 0, centring: 0, "
+    "shortcut_weighting: false}]\n",
+])
+def test_valid_edge_values_still_load(tmp_path, text):
+    good = tmp_path / "config.yaml"
+    good.write_text(text)
+    load_config(good)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert load_config(path).stages
