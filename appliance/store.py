@@ -29,6 +29,7 @@ from typing import Callable
 import sqlite_utils
 
 from appliance.errors import StoreError
+from models.bundle import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,21 +113,6 @@ def _utcnow() -> datetime:
 def _iso(moment: datetime) -> str:
     moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _write_file_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync and rename, so a frame file is either whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _hash_pin(pin: str, salt: bytes) -> str:
@@ -272,7 +258,7 @@ class Store:
         if (self.frames_dir / rel).exists():
             return rel
         try:
-            _write_file_atomic(self.frames_dir / rel, data)
+            write_file_atomic(self.frames_dir / rel, data)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             self.alarm = DISK_FULL_ALARM if full else f"frames are not being saved: {exc}"

@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import json
 import os
+import threading
 import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
@@ -196,7 +197,7 @@ def canonical_json(manifest: dict) -> bytes:
 def write_manifest(bundle_dir, manifest: dict) -> Path:
     """Write manifest.json canonically (sorted keys, indent 2, UTF-8, trailing newline)."""
     path = Path(bundle_dir) / MANIFEST
-    _atomic_write(path, canonical_json(manifest))
+    write_file_atomic(path, canonical_json(manifest))
     return path
 
 
@@ -211,17 +212,25 @@ def sign_bundle(bundle_dir, private_key_path, key_id: str | None = None) -> Path
     signature = key.sign(manifest_path.read_bytes())
     body = {"key_id": key_id, "signature": base64.b64encode(signature).decode("ascii")}
     path = bundle_dir / SIGNATURE
-    _atomic_write(path, (json.dumps(body, sort_keys=True, indent=2) + "\n").encode("utf-8"))
+    write_file_atomic(path, (json.dumps(body, sort_keys=True, indent=2) + "\n").encode("utf-8"))
     return path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync and rename, so the file is either whole or absent (a manifest, a signature,
+    a saved frame, an uploaded frame at HQ). Safe from several threads and processes at once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- verification

@@ -181,7 +181,7 @@ def test_prune_removes_old_orphan_files(store):
 def test_disk_full_keeps_logging_rows_and_raises_the_alarm(store, monkeypatch):
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(store_mod, "_write_file_atomic", full)
+    monkeypatch.setattr(store_mod, "write_file_atomic", full)
     ids = [log(store, n) for n in range(3)]
     assert store.alarm == DISK_FULL_ALARM
     rows = [store.inspection(i) for i in ids]

@@ -120,20 +120,6 @@ def _sha256(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def frame_path(state: "HQState | Path", sha256: str) -> Path:
     sha256 = sha256.lower()
     return (state.dir if isinstance(state, HQState) else Path(state)) / "frames" / sha256[:2] / sha256
@@ -469,7 +455,7 @@ def create_hq_app(state: HQState | Path, admin_token: str | None = None) -> Fast
             _bad(400, f"body sha256 is {actual}, not the {sha256} in the path; the upload was corrupted")
         if target.is_file():
             return JSONResponse({"sha256": actual, "stored": False}, status_code=200)
-        await run_in_threadpool(_atomic_write, target, body)
+        await run_in_threadpool(lib.write_file_atomic, target, body)
         return JSONResponse({"sha256": actual, "stored": True}, status_code=201)
 
     @app.get("/v1/lines/{line}/manifest")
