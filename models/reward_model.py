@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MINILM_HIDDEN = 384
+EFFICIENTNET_BLOCKS = 16          # MBConv blocks of EfficientNet-Lite0
 VOCAB_SIZE = 30522
 
 
@@ -55,6 +56,16 @@ class ModelConfig:
             raise ValueError("d_model must be divisible by fusion_heads and text_heads")
         if not 64 <= self.image_size <= 512 or self.image_size % 32:
             raise ValueError("image_size must be a multiple of 32 between 64 and 512")
+        for key in ("d_model", "text_layers", "text_heads", "text_embed_dim", "max_tokens",
+                    "summary_tokens", "fusion_layers", "fusion_heads"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be a whole number of at least 1, not {value!r}")
+        if not isinstance(self.frozen_blocks, int) or not 0 <= self.frozen_blocks <= EFFICIENTNET_BLOCKS:
+            raise ValueError(f"frozen_blocks must be a whole number from 0 to {EFFICIENTNET_BLOCKS} "
+                             f"(EfficientNet-Lite0's blocks), not {self.frozen_blocks!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number from 0 up to (not including) 1, not {self.dropout!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":

@@ -182,6 +182,13 @@ def _text_hint(value) -> str:
             f"and a sign, as in 3.0e-4)")
 
 
+def _model(base: ModelConfig, data: dict, where: str) -> ModelConfig:
+    try:
+        return replace(base, **_check_keys(ModelConfig, data, where))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def _build(cls, data: dict, where: str):
     _check_keys(cls, data, where)
     try:
@@ -192,11 +199,8 @@ def _build(cls, data: dict, where: str):
 
 def config_from_dict(data: dict, name: str = "config") -> TrainConfig:
     data = dict(_check_keys(TrainConfig, {} if data is None else data, name))
-    try:
-        teacher = replace(TEACHER, **_check_keys(ModelConfig, data.pop("teacher", {}), f"{name}: teacher"))
-        student = replace(STUDENT, **_check_keys(ModelConfig, data.pop("student", {}), f"{name}: student"))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+    teacher = _model(TEACHER, data.pop("teacher", {}), f"{name}: teacher")
+    student = _model(STUDENT, data.pop("student", {}), f"{name}: student")
     data_cfg = _build(DataConfig, _tuples(_check_keys(DataConfig, data.pop("data", None) or {}, f"{name}: data")),
                       f"{name}: data")
     stages = data.pop("stages", None) or []

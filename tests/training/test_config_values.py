@@ -45,6 +45,9 @@ MULTIMODAL = "stages: [{name: multimodal}]\n"
     ("threads: 0\n" + TEXT, "threads", "or left out"),
     ("stages: {name: text}\n", "stages", "must be a list"),
     ("- seed: 1\n", "config", "must be a mapping"),
+    ("teacher: {frozen_blocks: 99}\n" + TEXT, "teacher: frozen_blocks", "from 0 to 16"),
+    ("student: {d_model: 0}\n" + TEXT, "student: d_model", "at least 1"),
+    ("student: {dropout: 1.5}\n" + TEXT, "student: dropout", "up to (not including) 1"),
 ])
 def test_a_wrong_value_names_its_key_and_a_valid_example(tmp_path, text, key, example):
     bad = tmp_path / "config.yaml"
