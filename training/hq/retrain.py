@@ -10,6 +10,11 @@
     5. publish      export (parity + INT8 gate), sign, publish to HQ; lineage lists the
                     feedback that trained it. A failed gate publishes nothing.
 
+Skipped fleet records (counted in the report): frames that are ELPV test cells (the test split
+never trains anything) and pairs with an empty or overlong explanation. The run directory records
+its fleet inputs (fleet_inputs.json: base run, --fleet-repeat, feedback ids); a run resumes only
+with the same ones. --base is a `linejudge train` run or a previous `hq retrain` run.
+
 Not done here: pseudo-preferences for unreviewed flagged frames (MM-UPT majority vote). The
 appliances upload frames only with reviews, so HQ has no unreviewed frames to vote on yet.
 """
@@ -23,16 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from appliance.errors import LinejudgeError
-from appliance.preprocess import read_image, resize_gray
-from models.reward_model import load_model
-from training.config import TrainConfig
+from appliance.errors import BadExplanation, ConfigError, LinejudgeError
+from appliance.preprocess import check_explanation, read_image, resize_gray
+from models import bundle as bundle_lib
+from models.reward_model import RewardModel, load_model
+from training.config import FLEET_STAGES, TrainConfig
 from training.data import elpv
 from training.data.batches import CandidateSet, el_catalog, entry_index
 from training.hq import server as hq
 from training.stages import Encoder, pairwise_accuracy, run_stage
 from training.train import (claim_run_dir, build_data, check_no_test_cells, elpv_val_figures, preprocess_spec,
                             seed_everything)
+
+
+FLEET_INPUTS = "fleet_inputs.json"
 
 
 class RetrainError(LinejudgeError):
@@ -42,7 +51,7 @@ class RetrainError(LinejudgeError):
 @dataclass(frozen=True)
 class RetrainOptions:
     hq_state: "hq.HQState | Path"    # a directory means SQLite in it
-    base_run: Path                    # run dir holding multimodal/{model,proxy} and distill/model
+    base_run: Path                    # run dir holding multimodal/ or fleet/ {model,proxy} and distill/model
     out: Path
     line: str = "el-solar"
     key: Path | None = None           # sign + publish when given
@@ -77,11 +86,33 @@ def fleet_pairs(hq_state: "hq.HQState | Path") -> list[dict]:
     out = []
     for rec in hq.feedback_records(hq_state, kind="preference"):
         p = rec["payload"]
-        if rec["frame_file"] and isinstance(p.get("chosen"), str) and isinstance(p.get("rejected"), str):
+        if rec["frame_file"]:
             out.append({"key": f"{rec['appliance_id']}/{rec['idempotency_key']}",
                         "inspection": f"{rec['appliance_id']}/{p.get('inspection_id')}",
-                        "chosen": p["chosen"], "rejected": p["rejected"], "frame_file": rec["frame_file"]})
+                        "chosen": p.get("chosen"), "rejected": p.get("rejected"), "frame_file": rec["frame_file"]})
     return out
+
+
+def elpv_test_hashes() -> set[str]:
+    """sha256 of every ELPV test cell's file: a frame with one of these is a test cell."""
+    test_ids = set(elpv.load_split()["test"])
+    return {bundle_lib.file_sha256(c.path) for c in elpv.read_cells() if c.id in test_ids}
+
+
+def usable_pairs(pairs: list[dict], test_hashes: set[str]) -> tuple[list[dict], dict[str, int]]:
+    """The pairs that may train, explanations cleaned; and how many were skipped, by reason."""
+    kept, skipped = [], {"elpv_test_frames": 0, "bad_explanations": 0}
+    for pair in pairs:
+        if bundle_lib.file_sha256(pair["frame_file"]) in test_hashes:
+            skipped["elpv_test_frames"] += 1
+            continue
+        try:
+            texts = {side: check_explanation(pair[side]) for side in ("chosen", "rejected")}
+        except BadExplanation:
+            skipped["bad_explanations"] += 1
+            continue
+        kept.append({**pair, **texts})
+    return kept, skipped
 
 
 def split_by_inspection(pairs: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
@@ -142,26 +173,75 @@ def measure(model, enc: Encoder, val_sets, heldout: FleetSet, golden_cells) -> d
 
 
 # ------------------------------------------------------------------ the whole retrain
+def check_request(cfg: TrainConfig, opts: RetrainOptions) -> None:
+    """What can be checked before any model or data is loaded: config, options, signing key."""
+    names = tuple(s.name for s in cfg.stages)
+    if names != FLEET_STAGES:
+        raise ConfigError(f"{cfg.name} is not a fleet retraining config (its stages are {list(names)}, "
+                          f"retraining needs {list(FLEET_STAGES)}): use training/configs/fleet.yaml")
+    if not isinstance(opts.fleet_repeat, int) or opts.fleet_repeat < 1:
+        raise RetrainError(f"--fleet-repeat {opts.fleet_repeat}: each fleet pair must be seen at least once "
+                           "per epoch; use a whole number of 1 or more (default 8)")
+    if opts.key:
+        bundle_lib.load_private_key(opts.key)     # a bad key fails here, not after all the training
+
+
+def base_models(base: Path) -> tuple[RewardModel, RewardModel, RewardModel]:
+    """Teacher, its proxy and student of the base run: a `linejudge train` run (multimodal/) or a
+    previous `hq retrain` run (fleet/); both keep the student in distill/."""
+    teacher_dir = next((base / name for name in ("fleet", "multimodal") if (base / name / "model").is_dir()), None)
+    if teacher_dir is None or not (base / "distill" / "model").is_dir():
+        raise RetrainError(f"--base {base} is not a finished run: it needs the teacher in multimodal/ "
+                           "(a `linejudge train` run) or fleet/ (a previous `linejudge hq retrain` run), "
+                           "each with model/ and proxy/, and the student in distill/model")
+    teacher = load_model(teacher_dir / "model")
+    proxy = load_model(teacher_dir / "proxy", expect=teacher.config)
+    return teacher, proxy, load_model(base / "distill" / "model")
+
+
+def fleet_inputs(base: Path, opts: RetrainOptions, train_pairs: list[dict], held_pairs: list[dict]) -> dict:
+    """Everything outside the config that shapes what the stages learn."""
+    return {"base_run": str(base.resolve()), "fleet_repeat": opts.fleet_repeat,
+            "feedback_ids": sorted(p["key"] for p in train_pairs),
+            "heldout_feedback_ids": sorted(p["key"] for p in held_pairs)}
+
+
+def claim_fleet_inputs(out: Path, inputs: dict) -> None:
+    """Record the fleet inputs; refuse a run directory whose stages trained on other ones."""
+    record = out / FLEET_INPUTS
+    previous = json.loads(record.read_text()) if record.exists() else None
+    trained = [name for name in FLEET_STAGES if (out / name).exists()]
+    if trained and previous != inputs:
+        what = (", ".join(k for k in inputs if previous.get(k) != inputs[k]) + " differ" if previous
+                else f"no {FLEET_INPUTS} records them")
+        raise RetrainError(f"{out} was trained on other reviews ({what}); use a new --out "
+                           "(resuming there would reuse its trained stages)")
+    record.write_text(json.dumps(inputs, indent=2) + "\n")
+
+
 def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
     """Run every step; returns the report (also written to out/retrain.json)."""
+    check_request(cfg, opts)
     out = Path(opts.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     base = Path(opts.base_run)
-    teacher = load_model(base / "multimodal" / "model")
-    proxy = load_model(base / "multimodal" / "proxy", expect=teacher.config)
-    student = load_model(base / "distill" / "model")
+    teacher, proxy, student = base_models(base)
     cfg = replace(cfg, teacher=teacher.config, student=student.config)   # the models come from the base run
     claim_run_dir(cfg, out)
     seed_everything(cfg.seed)
     spec = preprocess_spec(cfg)
     enc = Encoder(spec)
-    pairs = fleet_pairs(opts.hq_state)
+    pairs, skipped = usable_pairs(fleet_pairs(opts.hq_state), elpv_test_hashes())
+    if any(skipped.values()):
+        print(f"skipped fleet records: {skipped['elpv_test_frames']} ELPV test frames, "
+              f"{skipped['bad_explanations']} with an empty or overlong explanation", flush=True)
     if len({p["inspection"] for p in pairs}) < 2:
-        raise RetrainError(f"HQ at {hq.open_state(opts.hq_state).dir} holds reviews of {len({p['inspection'] for p in pairs})} "
-                           "inspection(s) with frames; fleet retraining needs at least 2 (one is held out). "
-                           "Let the appliances sync their reviews first.")
+        raise RetrainError(f"HQ at {hq.open_state(opts.hq_state).dir} holds usable reviews of "
+                           f"{len({p['inspection'] for p in pairs})} inspection(s) with frames; fleet retraining "
+                           "needs at least 2 (one is held out). Let the appliances sync their reviews first.")
     train_pairs, held_pairs = split_by_inspection(pairs, opts.heldout_fraction)
+    claim_fleet_inputs(out, fleet_inputs(base, opts, train_pairs, held_pairs))
     data = build_data(cfg, spec.image_size)
     check_no_test_cells(data["train"] + data["val"])
     fleet_train = fleet_set("fleet-train", train_pairs, spec.image_size, opts.fleet_repeat)
@@ -181,7 +261,8 @@ def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
     after = measure(student, enc, data["val"], heldout, golden_cells)
 
     report = {"base_run": str(base), "config": cfg.name, "fleet_pairs": len(train_pairs),
-              "heldout_pairs": len(held_pairs), "feedback_ids": [p["key"] for p in train_pairs],
+              "heldout_pairs": len(held_pairs), "skipped": skipped, "fleet_repeat": opts.fleet_repeat,
+              "feedback_ids": [p["key"] for p in train_pairs],
               "heldout_feedback_ids": [p["key"] for p in held_pairs], "golden_frames": len(golden_cells),
               "before": before, "after": after, "stages": [{k: v for k, v in s.items() if k != "config"}
                                                            for s in stages]}
