@@ -206,6 +206,11 @@ class MiniLMTextEncoder(nn.Module):
         self.pool = AttentionPool(cfg.d_model, cfg.text_heads, cfg.summary_tokens)
         self._cache: dict[bytes, torch.Tensor] = {}
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bert.eval()   # frozen: no dropout, so a cached state is what evaluation computes too
+        return self
+
     def bert_states(self, ids, mask):
         """MiniLM token states, cached per token sequence while MiniLM is frozen."""
         out = []

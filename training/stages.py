@@ -5,11 +5,18 @@ progress bar with loss and ETA, keeps the epoch with the best validation pairwis
 or, with `select: elpv_binary`, ELPV binary accuracy (validation never includes ELPV test
 cells), checkpoints after every epoch and resumes from the last checkpoint when the run is
 started again.
+
+Resuming reproduces the run done in one go: besides the weights, each checkpoint stores the
+global random generators (torch's, which dropout and new weights draw from; numpy's and
+Python's), rank 0's in checkpoint.pt and every other rank's in run_state.rank<r>.pt. A resumed
+stage, or a finished stage that is skipped, restores them, so the next epoch or stage draws
+exactly what it would have in one go.
 """
 from __future__ import annotations
 
 import copy
 import json
+import random
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -186,7 +193,7 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
                           f"run has none; set data.use_elpv: true")
     stage_dir = Path(out_dir) / stage.name
     done = stage_dir / "done.json"
-    if done.exists():  # finished earlier: reload and move on
+    if done.exists():  # finished earlier: reload (weights and random state) and move on
         _load_states(stage_dir / "checkpoint.pt", model, proxy, final=True)
         return json.loads(done.read_text())
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +205,7 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
     params = [p for m in optimized for p in m.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     wrapped = distributed.wrap(model)
+    wrapped_proxy = distributed.wrap(proxy) if proxy is not None else None   # its gradients are averaged too
     wrapped_head = distributed.wrap(head) if head is not None else None
     start, best, history = _resume(stage_dir / "checkpoint.pt", model, proxy, optim, head)
     initial = _trainable_snapshot(trained)
@@ -215,13 +223,15 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
                    disable=not distributed.is_main(), dynamic_ncols=True)
         losses = []
         for batch in bar:
-            loss = step_fn(wrapped, proxy, teacher, wrapped_head, enc, stage, batch)
+            loss = step_fn(wrapped, wrapped_proxy, teacher, wrapped_head, enc, stage, batch)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        for m in trained:
+            distributed.sync_buffers(m)   # every rank validates (and keeps) the same model
         val = pairwise_accuracy(model, enc, val_sets, seed=seed, blank=stage.name == "text")
         window = max(1, len(losses) // 5)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_pairwise_accuracy": val,
@@ -235,7 +245,10 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
         if distributed.is_main():
             shown = "  ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k.startswith("val_"))
             print(f"[{stage.name}] epoch {epoch + 1}: loss {history[-1]['loss']:.4f}  {shown}", flush=True)
-            _save_checkpoint(stage_dir / "checkpoint.pt", epoch + 1, model, proxy, optim, best, history, head)
+            _save_checkpoint(stage_dir / "checkpoint.pt", epoch + 1, model, proxy, optim, best, history, head,
+                             _run_state())
+        else:
+            _atomic_save({"epoch": epoch + 1, "run_state": _run_state()}, _rank_state_path(stage_dir))
     model.load_state_dict(best["model"])
     if proxy is not None and best["proxy"] is not None:
         proxy.load_state_dict(best["proxy"])
@@ -263,14 +276,48 @@ def _count_steps(sets, stage: StageConfig) -> int:
     return min(n, stage.max_steps_per_epoch) if stage.max_steps_per_epoch else n
 
 
-def _save_checkpoint(path: Path, epoch, model, proxy, optim, best, history, head=None):
-    state = {"epoch": epoch, "model": model.state_dict(), "optim": optim.state_dict(),
-             "proxy": proxy.state_dict() if proxy is not None else None,
-             "fact_head": head.state_dict() if head is not None else None,
-             "best": best, "history": history}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+def _run_state() -> dict:
+    """This process's random state: what the next epoch draws depends on it."""
+    return {"rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+
+def _restore_run_state(state: dict | None) -> None:
+    if not state:   # a checkpoint from before run states were kept
+        return
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
+def _rank_state_path(stage_dir: Path) -> Path:
+    return Path(stage_dir) / f"run_state.rank{distributed.rank()}.pt"
+
+
+def _this_ranks_run_state(checkpoint_path: Path, checkpoint: dict) -> dict | None:
+    """Rank 0's run state is in the checkpoint; another rank's in its own file, if of the same epoch."""
+    if distributed.is_main():
+        return checkpoint.get("run_state")
+    path = _rank_state_path(Path(checkpoint_path).parent)
+    mine = torch.load(path, weights_only=False) if path.exists() else None
+    if mine is None or mine["epoch"] != checkpoint["epoch"]:
+        print(f"rank {distributed.rank()}: no run state for epoch {checkpoint['epoch']} in {path}; "
+              f"this rank goes on from its current random state", flush=True)
+        return None
+    return mine["run_state"]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def _save_checkpoint(path: Path, epoch, model, proxy, optim, best, history, head=None, run_state=None):
+    _atomic_save({"epoch": epoch, "model": model.state_dict(), "optim": optim.state_dict(),
+                  "proxy": proxy.state_dict() if proxy is not None else None,
+                  "fact_head": head.state_dict() if head is not None else None,
+                  "best": best, "history": history, "run_state": run_state}, path)
 
 
 def _resume(path: Path, model, proxy, optim, head=None):
@@ -283,6 +330,8 @@ def _resume(path: Path, model, proxy, optim, head=None):
     if head is not None and state.get("fact_head") is not None:
         head.load_state_dict(state["fact_head"])
     optim.load_state_dict(state["optim"])
+    # after the fact head's init, so the next epoch draws what it would have in one go
+    _restore_run_state(_this_ranks_run_state(path, state))
     print(f"resuming from {path} after epoch {state['epoch']}", flush=True)
     return state["epoch"], state["best"], state["history"]
 
@@ -293,3 +342,4 @@ def _load_states(path: Path, model, proxy, final: bool):
     model.load_state_dict(best["model"])
     if proxy is not None and best.get("proxy") is not None:
         proxy.load_state_dict(best["proxy"])
+    _restore_run_state(_this_ranks_run_state(path, state))   # as the stage left it

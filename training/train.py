@@ -24,7 +24,7 @@ from training import distributed
 from training.config import TrainConfig
 from training.data import elpv
 from training.data.batches import CandidateSet, ElpvSet, elpv_set, synthetic_set
-from training.data.text_pairs import text_preference_pairs
+from training.data.text_pairs import train_val_pairs
 from training.evaluate import elpv_binary_accuracy
 from training.stages import Encoder, run_stage
 
@@ -65,10 +65,11 @@ def build_data(cfg: TrainConfig, size: int) -> dict[str, list[CandidateSet]]:
                                    d.synthetic_on_elpv_fraction, backgrounds, d.synthetic_negatives))
         val.append(synthetic_set("synthetic-val", d.synthetic_val, size, cfg.seed + 2,
                                  d.synthetic_on_elpv_fraction, backgrounds))
-    rng = np.random.default_rng(cfg.seed + 3)
-    pairs = text_preference_pairs(rng, d.text_pairs + max(d.text_pairs // 10, 20))
-    text_train = TextPairSet("text-train", pairs[: d.text_pairs], size)
-    text_val = TextPairSet("text-val", pairs[d.text_pairs:], size)
+    # validation holds no pair that is also a training pair (the training pairs are as before)
+    train_pairs, val_pairs = train_val_pairs(np.random.default_rng(cfg.seed + 3), d.text_pairs,
+                                             max(d.text_pairs // 10, 20))
+    text_train = TextPairSet("text-train", train_pairs, size)
+    text_val = TextPairSet("text-val", val_pairs, size)
     if not train:
         raise ConfigError("the data section selects no image data: enable use_elpv or synthetic_train")
     return {"train": train, "val": val, "text_train": [text_train], "text_val": [text_val]}

@@ -1,4 +1,6 @@
 """Text-only preference pairs: specific, consistent chosen texts over flawed rejected ones."""
+from pathlib import Path
+
 import numpy as np
 
 from training.data import synthetic as syn
@@ -52,3 +54,27 @@ def test_each_rejection_kind_is_flawed():
         named = [any(w in incomplete for w in pool) for pool in (syn.DEFECT_TYPES, syn.LOCATIONS, syn.SEVERITIES)]
         assert not all(named)
         assert tp.malformed(chosen, rng) != chosen
+
+
+def test_validation_pairs_are_never_training_pairs():
+    """The full recipe's sizes: about one in nine validation pairs used to repeat a training pair."""
+    n_train, n_val = 2000, 200
+    drawn = tp.text_preference_pairs(np.random.default_rng(3), n_train + n_val)
+    assert set(drawn[n_train:]) & set(drawn[:n_train]), "the draw has no repeats: the check below checks nothing"
+    train, val = tp.train_val_pairs(np.random.default_rng(3), n_train, n_val)
+    assert train == drawn[:n_train]                      # the training pairs are as before
+    assert len(val) == n_val and not set(val) & set(train)
+    kept = [p for p in drawn[n_train:] if p not in set(train)]
+    assert val[: len(kept)] == kept                      # the rest of validation is as before, topped up
+    assert tp.train_val_pairs(np.random.default_rng(3), n_train, n_val) == (train, val)
+
+
+def test_text_stage_data_keeps_training_pairs_out_of_validation():
+    from training.config import load_config
+    from training.train import build_data
+    cfg = load_config(Path(__file__).resolve().parents[2] / "training" / "configs" / "tiny.yaml")
+    data = build_data(cfg, cfg.teacher.image_size)
+    train, val = data["text_train"][0].pairs, data["text_val"][0].pairs
+    n = cfg.data.text_pairs
+    assert train == tp.text_preference_pairs(np.random.default_rng(cfg.seed + 3), n + max(n // 10, 20))[:n]
+    assert val and not set(val) & set(train)

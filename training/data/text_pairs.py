@@ -63,3 +63,25 @@ def text_preference_pairs(rng: np.random.Generator, n: int) -> list[tuple[str, s
         if rejected.strip() and rejected != chosen:
             pairs.append((chosen, rejected))
     return pairs
+
+
+def train_val_pairs(rng: np.random.Generator, n_train: int, n_val: int,
+                    max_draws: int = 100_000) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """n_train training pairs and up to n_val validation pairs none of which is also a training pair.
+
+    The pairs are drawn as text_preference_pairs(rng, n_train + n_val) draws them (the training
+    pairs are its first n_train, whatever becomes of validation); validation then drops every
+    pair that is also a training pair (the phrasings are few enough that about one in eight
+    repeats one) and is topped up with further draws from rng that are not training pairs
+    either, within max_draws tries."""
+    pairs = text_preference_pairs(rng, n_train + n_val)
+    train = pairs[:n_train]
+    seen = set(train)
+    val = [p for p in pairs[n_train:] if p not in seen]
+    for _ in range(max_draws):
+        if len(val) >= n_val:
+            break
+        extra = text_preference_pairs(rng, 1)[0]
+        if extra not in seen:
+            val.append(extra)
+    return train, val
