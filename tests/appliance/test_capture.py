@@ -133,30 +133,39 @@ def test_replay_skips_a_file_deleted_after_listing(frames_folder):
     assert grabber.error is None
 
 
+class FakeCapture:
+    """cv2.VideoCapture stand-in that opens and reads a 2x2 frame; tests override one behaviour.
+    `opens` (set per subclass) records every open."""
+    opens: list
+
+    def __init__(self, target, api, params):
+        self.opens.append(target)
+
+    def isOpened(self):
+        return True
+
+    def read(self):
+        return True, np.zeros((2, 2), np.uint8)
+
+    def set(self, *args):
+        return True
+
+    def release(self):
+        pass
+
+
 def test_opencv_source_reconnects_after_a_driver_error():
-    opens = []
-
-    class RaisingOnceCapture:
-        def __init__(self, target, api, params):
-            opens.append(target)
-
-        def isOpened(self):
-            return True
+    class RaisingOnceCapture(FakeCapture):
+        opens = []
 
         def read(self):
-            if len(opens) == 1:
+            if len(self.opens) == 1:
                 raise cv2.error("driver lost the device")
-            return True, np.zeros((2, 2), np.uint8)
-
-        def set(self, *args):
-            return True
-
-        def release(self):
-            pass
+            return super().read()
     waits = []
     source = OpenCVSource(1, sleep=waits.append, opener=RaisingOnceCapture)
     assert source.read() is None and source.read() is not None
-    assert len(opens) == 2 and waits == [0.5]
+    assert len(RaisingOnceCapture.opens) == 2 and waits == [0.5]
 
 
 def test_opencv_source_backs_off_on_a_missing_file(tmp_path):
@@ -172,26 +181,13 @@ def test_opencv_source_backs_off_on_a_missing_file(tmp_path):
 
 
 def test_opencv_source_reconnects_and_resets_the_backoff():
-    opens = []
-
-    class FakeCapture:
-        def __init__(self, target, api, params):
-            opens.append(target)
-            self.ok = len(opens) >= 3           # the camera comes back on the third try
+    class ComesBackCapture(FakeCapture):
+        opens = []
 
         def isOpened(self):
-            return self.ok
-
-        def read(self):
-            return True, np.zeros((2, 2), np.uint8)
-
-        def set(self, *args):
-            return True
-
-        def release(self):
-            pass
+            return len(self.opens) >= 3           # the camera comes back on the third try
     waits = []
-    source = OpenCVSource(1, sleep=waits.append, opener=FakeCapture)
+    source = OpenCVSource(1, sleep=waits.append, opener=ComesBackCapture)
     results = [source.read() for _ in range(3)]
     assert results[:2] == [None, None] and results[2] is not None
     assert waits == [0.5, 1.0] and source.backoff == 0.5 and source.failures == 0

@@ -14,6 +14,7 @@ from training import distributed
 from training.config import StageConfig
 from training.data.batches import CandidateSet
 from training.stages import _count_steps, _mixed_batches
+from micro import MICRO_MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,8 +108,7 @@ T.train(load_config(sys.argv[1]), sys.argv[2])
 DDP_CONFIG = """\
 seed: 0
 threads: 1
-teacher: {image_size: 64, d_model: 32, text_heads: 2, fusion_heads: 2, summary_tokens: 2, max_tokens: 16, frozen_blocks: 12}
-student: {image_size: 64, d_model: 32, text_heads: 2, fusion_heads: 2, summary_tokens: 2, max_tokens: 16, text_layers: 1, text_embed_dim: 8, frozen_blocks: 12}
+""" + MICRO_MODELS + """\
 data: {elpv_train_limit: 9, elpv_val_limit: 4, synthetic_train: 5, synthetic_val: 4, synthetic_negatives: 3, text_pairs: 17}
 stages:
   - {name: text, epochs: 1, lr: 0.003, batch_size: 8}

@@ -8,14 +8,14 @@ import torch
 from training import stages
 from training.config import load_config
 from training.train import train
+from micro import MICRO_MODELS
 
 # text, then a two-epoch multimodal stage with the fact head (dropout and a fresh head both draw
 # from torch's generator), a handful of steps each
 CONFIG = """\
 seed: 0
 threads: 2
-teacher: {image_size: 64, d_model: 32, text_heads: 2, fusion_heads: 2, summary_tokens: 2, max_tokens: 16, frozen_blocks: 12}
-student: {image_size: 64, d_model: 32, text_heads: 2, fusion_heads: 2, summary_tokens: 2, max_tokens: 16, text_layers: 1, text_embed_dim: 8, frozen_blocks: 12}
+""" + MICRO_MODELS + """\
 data: {elpv_train_limit: 8, elpv_val_limit: 4, synthetic_train: 8, synthetic_val: 4, synthetic_negatives: 3, text_pairs: 16}
 stages:
   - {name: text, epochs: 1, lr: 0.003, batch_size: 8, max_steps_per_epoch: 2}
