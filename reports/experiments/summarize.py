@@ -43,6 +43,7 @@ WHAT_CHANGED = {   # experiment folder -> what it changed against the shipped re
     "full-syn3000": "3,000 synthetic frames (5x)",
     "full-synstage": "synthetic-only stage before multimodal",
     "full-trunklr": "trunk at a tenth of the learning rate",
+    "full-minilm-eval": "the shipped recipe, teacher's frozen MiniLM without dropout (fix)",
 }
 
 
