@@ -97,7 +97,8 @@ class FolderReplay:
         self._cache_left = int(cache_mb * 1024 * 1024)
 
     def read(self) -> np.ndarray | None:
-        """The next readable image (unreadable files are skipped); None once done if loop=False."""
+        """The next readable image (unreadable files are skipped); None once done if loop=False.
+        CaptureError when a looping replay has no readable image left."""
         for _ in range(len(self.files)):
             if self.position >= len(self.files):
                 if not self.loop:
@@ -113,6 +114,9 @@ class FolderReplay:
                 self.current = path
                 return frame
             log.warning("replay: skipping unreadable image %s", path)
+        if self.loop and self.files:     # a whole pass found nothing: the grabber backs off
+            raise CaptureError(f"replay {self.name}: none of its {len(self.files)} images can be read "
+                               "any more; put readable frames back")
         return None
 
     def _remember(self, path: Path, frame: np.ndarray | None) -> None:

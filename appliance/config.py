@@ -65,6 +65,8 @@ class ApplianceConfig:
         for name, value in self.thresholds.items():
             if value is None and name in OPTIONAL_THRESHOLDS:
                 continue                      # null turns an optional check off
+            if value is None:
+                raise ConfigError(f"thresholds: {name} cannot be null; remove the line to use the bundle's value")
             if not _is_number(value) or value < 0 or (name in PROBABILITY_THRESHOLDS and value > 1):
                 limits = "between 0 and 1" if name in PROBABILITY_THRESHOLDS else "0 or more"
                 raise ConfigError(f"thresholds: {name} must be a number {limits}, not {value!r}")
@@ -104,7 +106,7 @@ class ApplianceConfig:
             raise ConfigError(f"commit_timeout_s must be a positive number of seconds, not "
                               f"{self.commit_timeout_s!r}; e.g. commit_timeout_s: 60")
         needed_s = self.commit_after_inspections / self.max_fps
-        if needed_s >= self.commit_timeout_s:
+        if self.hq_url and self.sync_interval_s > 0 and needed_s >= self.commit_timeout_s:
             raise ConfigError(f"a new model needs commit_after_inspections={self.commit_after_inspections} "
                               f"inspections, at least {needed_s:g} s at max_fps={self.max_fps:g}, but "
                               f"commit_timeout_s is {self.commit_timeout_s:g} s; raise commit_timeout_s")

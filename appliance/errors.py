@@ -22,8 +22,8 @@ class ModelError(LinejudgeError):
 
 
 class TrialInconclusive(ModelError):
-    """A hot-swapped model judged too few inspections in time to be kept (the line was idle or
-    slow) but raised no error: it is swapped back and offered again on the next sync pass."""
+    """A hot-swapped model judged too few inspections in time because too few frames came (the
+    line paused) and raised no error: it is swapped back and offered again on the next sync pass."""
 
 
 class StoreError(LinejudgeError):

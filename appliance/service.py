@@ -29,7 +29,7 @@ from appliance.capture import LatestFrameGrabber, open_source
 from appliance.config import ApplianceConfig
 from appliance.errors import BadExplanation, BadFrame, CaptureError, ModelError, TrialInconclusive
 from appliance.runtime import Judgement, ModelRuntime
-from appliance.store import Store
+from appliance.store import PRUNE_BATCH, Store
 from appliance.sync import sync_once
 
 log = logging.getLogger("linejudge.appliance")
@@ -187,19 +187,29 @@ class Appliance:
         return True, ""
 
     def _await_trial(self, trial: SwapTrial) -> str | None:
-        """Wait for the trial's verdict: None when healthy, else the error it raised. A trial
-        that runs out of time without an error proves nothing against the model (the line may
-        have paused): TrialInconclusive, so the bundle is offered again on the next pass."""
+        """Wait for the trial's verdict: None when healthy, else why the model is rejected (an
+        error, or too slow: the camera delivered enough frames but the model judged too few in
+        time). A trial that ran out of time because too few frames came (the line paused)
+        proves nothing against the model: TrialInconclusive, offered again on the next pass."""
         deadline = time.monotonic() + self.cfg.commit_timeout_s
+        captured_before = self._captured()
         while not trial.done.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic()))):
             if self._stop.is_set():
                 raise _Stopping("the appliance stopped during a model trial")
             if time.monotonic() >= deadline:
-                raise TrialInconclusive(
-                    f"only {trial.healthy} of {trial.needed} inspections judged within "
-                    f"commit_timeout_s={self.cfg.commit_timeout_s:g} s (line idle or slow); "
-                    "the old model is back and the new one is tried again on the next sync pass")
+                return self._trial_timed_out(trial, self._captured() - captured_before)
         return trial.error
+
+    def _trial_timed_out(self, trial: SwapTrial, delivered: int) -> str:
+        judged = (f"only {trial.healthy} of {trial.needed} inspections judged within "
+                  f"commit_timeout_s={self.cfg.commit_timeout_s:g} s")
+        if delivered >= trial.needed:
+            return f"too slow: {judged} while the camera delivered {delivered} frames"
+        raise TrialInconclusive(f"{judged}: the camera delivered {delivered} frames (line idle?); the old "
+                                "model is back and the new one is tried again on the next sync pass")
+
+    def _captured(self) -> int:
+        return self._grabber.captured if self._grabber else 0
 
     # ---------------------------------------------------------------- inspection
     def inspect(self, frame: np.ndarray, extra: list[str] | None = None, only_extra: bool = False,
@@ -315,7 +325,8 @@ class Appliance:
         PRUNE_INTERVAL_S. Frames still to be sent to HQ are never removed (Store.prune_frames)."""
         while True:
             try:
-                self.store.prune_frames()
+                while self.store.prune_frames() == PRUNE_BATCH and not self._stop.is_set():
+                    pass      # a backlog goes in batches: inspections commit in between
             except Exception:  # a failed prune is retried; it never stops inspection
                 log.exception("pruning saved frames failed; retrying in %g s", PRUNE_INTERVAL_S)
             if self._stop.wait(PRUNE_INTERVAL_S):

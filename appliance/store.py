@@ -68,6 +68,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite_utils.Database], None] | str]] = [
            CREATE INDEX reviews_inspection ON reviews(inspection_id)"""),
 ]
 
+PRUNE_BATCH = 500      # frame files deleted per write transaction
+
 INSERT_SCORE = "INSERT INTO scores (inspection_id, candidate, text, score, rank) VALUES (?, ?, ?, ?, ?)"
 
 FRAME_REFS_SQL = """SELECT frame_path, max(ts) AS last_ts, max(id) AS last_id,
@@ -409,8 +411,10 @@ class Store:
             total -= size
         return victims
 
-    def prune_frames(self, now: datetime | None = None) -> int:
-        """Delete frame files past retention or over the disk budget (oldest first); returns how many."""
+    def prune_frames(self, now: datetime | None = None, max_files: int = PRUNE_BATCH) -> int:
+        """Delete frame files past retention or over the disk budget (oldest first), at most
+        max_files in one write transaction so inspections never wait long behind it; returns how
+        many (max_files means: call again, there may be more)."""
         now = now or _utcnow()
         now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
         on_disk = _scan_frames(self.frames_dir)
@@ -418,7 +422,7 @@ class Store:
         def prune(db):
             with _immediate(db):
                 refs = {r["frame_path"]: r for r in db.query(FRAME_REFS_SQL)}
-                victims = self._choose_victims(now, on_disk, refs)
+                victims = self._choose_victims(now, on_disk, refs)[:max_files]
                 db.execute("UPDATE inspections SET frame_path = NULL WHERE frame_path IN "
                            "(SELECT value FROM json_each(?))", [json.dumps(victims)])
             for rel in victims:     # after the commit, on the writer thread: no log_inspection races it

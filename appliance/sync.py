@@ -12,8 +12,9 @@
     (models_install.stage verifies signature, hashes, line and version), then call
     swap(staged_dir, manifest) -> (ok, reason). ok: switch `current`, record the version
     active. Not ok: record it rejected; the old model keeps serving and the version is not
-    tried again (HQ publishes a higher one). A swap that raises TrialInconclusive (the trial
-    ran out of time without an error) records nothing: the version is offered again.
+    tried again (HQ publishes a higher one). A swap that raises TrialInconclusive (too few
+    frames came during the trial) records nothing here and reports "deferred" to HQ: the
+    version is downloaded and tried again on the next pass.
 (c) POST status (model version, flag rate, backlog, install result) to HQ.
 
 Transient failures (connection errors, timeouts, 408/429/5xx) are retried with exponential
@@ -463,7 +464,7 @@ def _report_status(s: _Session, cfg, store, appliance_id: str, result: dict) -> 
     body = {"line": cfg.line, "station": cfg.station, "model_version": installed_version(cfg, store),
             "flag_rate": stats["flag_rate"], "backlog": stats["outbox_unsent"],
             "inspections": stats["inspections"], "sync": {"sent": result["sent"], "errors": result["errors"][:5]}}
-    if model.get("action") in ("installed", "rejected", "refused"):
+    if model.get("action") in ("installed", "rejected", "refused", "deferred"):
         body["install"] = {"version": model.get("offered"), "reason": model.get("reason", ""),
                            "state": {"installed": "active"}.get(model["action"], model["action"])}
     s.request("POST", f"/v1/appliances/{quote(appliance_id, safe='')}/status", "reporting status", json=body)

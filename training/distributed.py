@@ -5,7 +5,7 @@
 torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; each process then trains on its own shard of
 every dataset, gradients are averaged by DistributedDataParallel (NCCL on GPUs, gloo on
 CPU), and only rank 0 writes checkpoints, models and reports (each other rank writes just
-its own random state and text cache next to the checkpoint, for resuming). Shards are padded like
+its own random state next to the checkpoint, for resuming). Shards are padded like
 torch's DistributedSampler (drop_last=False), so every rank runs the same number of steps:
 DDP's collectives need every rank at every step.
 """

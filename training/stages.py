@@ -278,7 +278,10 @@ def _count_steps(sets, stage: StageConfig) -> int:
 
 def _run_state() -> dict:
     """This process's random state: what the next epoch draws depends on it."""
-    return {"rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"rng": rng}
 
 
 def _restore_run_state(state: dict | None) -> None:
@@ -288,6 +291,8 @@ def _restore_run_state(state: dict | None) -> None:
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _rank_state_path(stage_dir: Path) -> Path:

@@ -133,6 +133,15 @@ def test_replay_skips_a_file_deleted_after_listing(frames_folder):
     assert grabber.error is None
 
 
+def test_a_replay_whose_images_all_vanish_raises_so_the_grabber_backs_off(frames_folder):
+    replay = FolderReplay(frames_folder, cache_mb=0)
+    assert replay.read() is not None
+    for image in frames_folder.iterdir():
+        image.unlink()
+    with pytest.raises(CaptureError, match=r"none of its \d+ images can be read"):
+        replay.read()
+
+
 class FakeCapture:
     """cv2.VideoCapture stand-in that opens and reads a 2x2 frame; tests override one behaviour.
     `opens` (set per subclass) records every open."""

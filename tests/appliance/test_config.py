@@ -28,7 +28,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "appliance.example.y
     ("providers: cpu", r"providers must be a list, e.g. providers: \[cpu\]"),
     ("trusted_keys: keys/hq.pub", "trusted_keys must be a list"),
     ("source: 'elpv:tset'", "ELPV replay splits are elpv:train, elpv:val, elpv:test"),
-    ("{commit_after_inspections: 100, max_fps: 1, commit_timeout_s: 60}", "raise commit_timeout_s"),
+    ("{hq_url: 'http://hq', commit_after_inspections: 100, max_fps: 1, commit_timeout_s: 60}",
+     "raise commit_timeout_s"),                             # 100 frames at 1 fps take 100 s > 60 s
+    ("thresholds: {p_best: null}", "remove the line to use the bundle's value"),
 ])
 def test_bad_values_are_refused_with_the_fix(text, words):
     with pytest.raises(ConfigError, match=words):
@@ -41,6 +43,10 @@ def test_good_values_pass_and_null_turns_the_possible_defect_check_off():
         'operator_pins: {bob: "04711"}\nthreads: 2\nsource: "elpv:val"\nproviders: [cuda, cpu]'))
     assert cfg.operator_pins == {"bob": "04711"} and cfg.providers == ("cuda", "cpu")
     assert cfg.thresholds["p_defect"] is None
+
+
+def test_commit_timing_matters_only_with_in_process_sync():
+    assert config_from_dict({"max_fps": 0.3}).max_fps == 0.3          # e.g. linejudge demo --max-fps 0.3
 
 
 def test_the_shipped_example_config_loads():

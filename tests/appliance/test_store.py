@@ -157,6 +157,12 @@ def test_prune_never_deletes_frames_of_unsent_outbox(store):
     assert store.prune_frames(now=LATER) == 1 and not files[ids[0]].exists()
 
 
+def test_a_prune_backlog_goes_in_batches(store):
+    ids = [log(store, n) for n in range(5)]
+    assert [store.prune_frames(now=LATER, max_files=2) for _ in range(4)] == [2, 2, 1, 0]
+    assert all(store.inspection(i)["frame_path"] is None for i in ids)
+
+
 def test_prune_keeps_the_disk_budget_oldest_first(tmp_path, monkeypatch):
     same_ms = datetime(2026, 1, 1, tzinfo=timezone.utc)     # a fast line logs several frames per ms
     monkeypatch.setattr(store_mod, "_utcnow", lambda: same_ms)

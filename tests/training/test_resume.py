@@ -86,4 +86,4 @@ def test_run_resumed_mid_stage_matches_the_run_in_one_go(cfg, in_one_go, tmp_pat
 def test_checkpoints_carry_the_random_state(in_one_go):
     for stage in ("text", "multimodal"):
         state = torch.load(in_one_go / stage / "checkpoint.pt", weights_only=False)["run_state"]
-        assert {"torch", "numpy", "python"} == set(state["rng"]), stage
+        assert {"torch", "numpy", "python"} <= set(state["rng"]), stage   # + "cuda" on GPUs

@@ -12,8 +12,9 @@
 
 Skipped fleet records (counted in the report): frames that are ELPV test cells (the test split
 never trains anything) and pairs with an empty or overlong explanation. The run directory records
-its fleet inputs (fleet_inputs.json: base run, --fleet-repeat, feedback ids); a run resumes only
-with the same ones. --base is a `linejudge train` run or a previous `hq retrain` run.
+its fleet inputs (fleet_inputs.json: base run, --fleet-repeat, feedback ids); an interrupted run
+resumes with the reviews it started with (newer ones wait for the next retrain), and is refused if
+its base or --fleet-repeat changed or one of its reviews is gone. --base is a `linejudge train` run or a previous `hq retrain` run.
 
 Not done here: pseudo-preferences for unreviewed flagged frames (MM-UPT majority vote). The
 appliances upload frames only with reviews, so HQ has no unreviewed frames to vote on yet.
@@ -206,17 +207,40 @@ def fleet_inputs(base: Path, opts: RetrainOptions, train_pairs: list[dict], held
             "heldout_feedback_ids": sorted(p["key"] for p in held_pairs)}
 
 
-def claim_fleet_inputs(out: Path, inputs: dict) -> None:
-    """Record the fleet inputs; refuse a run directory whose stages trained on other ones."""
+def claim_fleet_inputs(out: Path, base: Path, opts: RetrainOptions,
+                       pairs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs for this run directory, recorded in fleet_inputs.json. A run that
+    already trained stages resumes with the reviews it started with, even if newer ones arrived
+    since (they wait for the next retrain); it is refused if its base, --fleet-repeat or any of
+    its reviews changed."""
     record = out / FLEET_INPUTS
     previous = json.loads(record.read_text()) if record.exists() else None
     trained = [name for name in FLEET_STAGES if (out / name).exists()]
-    if trained and previous != inputs:
-        what = (", ".join(k for k in inputs if previous.get(k) != inputs[k]) + " differ" if previous
-                else f"no {FLEET_INPUTS} records them")
-        raise RetrainError(f"{out} was trained on other reviews ({what}); use a new --out "
+    if trained:
+        train_pairs, held_pairs = _recorded_pairs(out, previous, fleet_inputs(base, opts, [], []), pairs)
+    else:
+        train_pairs, held_pairs = split_by_inspection(pairs, opts.heldout_fraction)
+        record.write_text(json.dumps(fleet_inputs(base, opts, train_pairs, held_pairs), indent=2) + "\n")
+    return train_pairs, held_pairs
+
+
+def _recorded_pairs(out: Path, previous: dict | None, now: dict, pairs: list[dict]):
+    if previous is None:
+        raise RetrainError(f"{out} has trained stages but no {FLEET_INPUTS} saying which reviews trained "
+                           "them; use a new --out")
+    changed = [k for k in ("base_run", "fleet_repeat") if previous.get(k) != now[k]]
+    by_key = {p["key"]: p for p in pairs}
+    missing = [k for k in previous["feedback_ids"] + previous["heldout_feedback_ids"] if k not in by_key]
+    if changed or missing:
+        what = ", ".join(changed) + (" differ" if changed else "") + \
+            (f"{'; ' if changed else ''}{len(missing)} of its reviews are gone from HQ" if missing else "")
+        raise RetrainError(f"{out} was trained on other inputs ({what}); use a new --out "
                            "(resuming there would reuse its trained stages)")
-    record.write_text(json.dumps(inputs, indent=2) + "\n")
+    newer = len(pairs) - len(previous["feedback_ids"]) - len(previous["heldout_feedback_ids"])
+    if newer:
+        print(f"resuming {out} with the {len(pairs) - newer} reviews it started with; "
+              f"{newer} newer ones wait for the next retrain", flush=True)
+    return ([by_key[k] for k in previous["feedback_ids"]], [by_key[k] for k in previous["heldout_feedback_ids"]])
 
 
 def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
@@ -240,8 +264,7 @@ def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
         raise RetrainError(f"HQ at {hq.open_state(opts.hq_state).dir} holds usable reviews of "
                            f"{len({p['inspection'] for p in pairs})} inspection(s) with frames; fleet retraining "
                            "needs at least 2 (one is held out). Let the appliances sync their reviews first.")
-    train_pairs, held_pairs = split_by_inspection(pairs, opts.heldout_fraction)
-    claim_fleet_inputs(out, fleet_inputs(base, opts, train_pairs, held_pairs))
+    train_pairs, held_pairs = claim_fleet_inputs(out, base, opts, pairs)
     data = build_data(cfg, spec.image_size)
     check_no_test_cells(data["train"] + data["val"])
     fleet_train = fleet_set("fleet-train", train_pairs, spec.image_size, opts.fleet_repeat)
