@@ -178,26 +178,22 @@ def _default_trust(bundle) -> list:
     return keys
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (argparse prints the message with the option's name)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, e.g. 16; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _positive(kind: type, what: str, example: str):
+    """An argparse type: a finite `kind` above 0 (argparse prints the message with the option's name)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, e.g. {example}; got {text!r}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    parse.__name__ = kind.__name__          # argparse names the type in its messages
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, e.g. 20; got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
+positive_int = _positive(int, "a whole number of at least 1", "16")
+positive_float = _positive(float, "a number above 0", "20")
 
 
 def build_parser() -> argparse.ArgumentParser:
