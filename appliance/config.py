@@ -44,9 +44,9 @@ class ApplianceConfig:
     operator_pins: dict = field(default_factory=dict)  # name -> PIN, hashed into the store on start
 
     def __post_init__(self):
-        if not _is_number(self.max_fps) or self.max_fps <= 0:
+        if not is_number(self.max_fps) or self.max_fps <= 0:
             raise ConfigError(f"max_fps must be a positive number, not {self.max_fps!r}")
-        if not _is_whole(self.port) or not 0 < self.port < 65536:
+        if not is_whole(self.port) or not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is not a TCP port")
         if self.backend not in ("onnxruntime", "tensorrt"):
             raise ConfigError(f"backend must be onnxruntime or tensorrt, not {self.backend!r}")
@@ -67,16 +67,16 @@ class ApplianceConfig:
                 continue                      # null turns an optional check off
             if value is None:
                 raise ConfigError(f"thresholds: {name} cannot be null; remove the line to use the bundle's value")
-            if not _is_number(value) or value < 0 or (name in PROBABILITY_THRESHOLDS and value > 1):
+            if not is_number(value) or value < 0 or (name in PROBABILITY_THRESHOLDS and value > 1):
                 limits = "between 0 and 1" if name in PROBABILITY_THRESHOLDS else "0 or more"
                 raise ConfigError(f"thresholds: {name} must be a number {limits}, not {value!r}")
 
     def _check_storage(self) -> None:
         for name in ("frame_budget_mb", "retention_days"):
             value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number, not {value!r}")
-        if self.threads is not None and (not _is_whole(self.threads) or self.threads < 1):
+        if self.threads is not None and (not is_whole(self.threads) or self.threads < 1):
             raise ConfigError(f"threads must be a whole number of at least 1 (or left out), not {self.threads!r}")
         if isinstance(self.source, str) and self.source.startswith("elpv:") \
                 and self.source.split(":", 1)[1] not in ELPV_SPLITS:
@@ -96,13 +96,13 @@ class ApplianceConfig:
                                   "(unquoted, YAML drops leading zeros or reads them as octal)")
 
     def _check_sync(self) -> None:
-        if not _is_number(self.sync_interval_s) or self.sync_interval_s < 0:
+        if not is_number(self.sync_interval_s) or self.sync_interval_s < 0:
             raise ConfigError(f"sync_interval_s must be 0 (no in-process sync) or a number of seconds, "
                               f"not {self.sync_interval_s!r}; e.g. sync_interval_s: 300")
-        if not _is_whole(self.commit_after_inspections) or self.commit_after_inspections < 1:
+        if not is_whole(self.commit_after_inspections) or self.commit_after_inspections < 1:
             raise ConfigError(f"commit_after_inspections must be a whole number of at least 1, not "
                               f"{self.commit_after_inspections!r}; e.g. commit_after_inspections: 20")
-        if not _is_number(self.commit_timeout_s) or self.commit_timeout_s <= 0:
+        if not is_number(self.commit_timeout_s) or self.commit_timeout_s <= 0:
             raise ConfigError(f"commit_timeout_s must be a positive number of seconds, not "
                               f"{self.commit_timeout_s!r}; e.g. commit_timeout_s: 60")
         needed_s = self.commit_after_inspections / self.max_fps
@@ -127,12 +127,13 @@ class ApplianceConfig:
         return list(self.trusted_keys) or sorted(DEFAULT_KEYS.glob("*.pub"))
 
 
-def _is_number(value) -> bool:
-    """An int or float, not a bool and not NaN."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+def is_number(value) -> bool:
+    """A finite int or float, not a bool (YAML's true/false) and not NaN or infinity."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_whole(value) -> bool:
+def is_whole(value) -> bool:
+    """An int, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

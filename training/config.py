@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
+from appliance.config import is_number, is_whole
 from appliance.errors import ConfigError
 from models.reward_model import STUDENT, TEACHER, ModelConfig
 
@@ -40,7 +40,7 @@ class DataConfig:
         _whole("data", "synthetic_val", self.synthetic_val, 1 if self.synthetic_train else 0, 300)
         _number("data", "synthetic_on_elpv_fraction", self.synthetic_on_elpv_fraction, 0.0, 1.0, 0.5)
         _whole("data", "text_pairs", self.text_pairs, 1, 2000)
-        if not _is_whole(self.synthetic_negatives) or not 1 <= self.synthetic_negatives <= 16:
+        if not is_whole(self.synthetic_negatives) or not 1 <= self.synthetic_negatives <= 16:
             raise ConfigError("data.synthetic_negatives must be between 1 and 16 "
                               f"(a defect has 16 one-fact changes), e.g. synthetic_negatives: 3; "
                               f"got {self.synthetic_negatives!r}")
@@ -132,7 +132,7 @@ def _whole(where: str, key: str, value, least: int, example: int, none: str | No
     """A whole number >= least; None too where `none` says what leaving it out means."""
     if value is None and none:
         return
-    if not _is_whole(value) or value < least:
+    if not is_whole(value) or value < least:
         left_out = f" (or left out {none})" if none else ""
         raise ConfigError(f"{_key(where, key)} must be a whole number >= {least}{left_out}, "
                           f"e.g. {key}: {example}; got {value!r}{_text_hint(value)}")
@@ -141,7 +141,7 @@ def _whole(where: str, key: str, value, least: int, example: int, none: str | No
 def _number(where: str, key: str, value, low: float, high: float | None, example: float,
             above: bool = False) -> None:
     """A finite number in [low, high] ((low, high] with above=True; no upper end for high=None)."""
-    fits = _is_number(value) and (value > low if above else value >= low) and (high is None or value <= high)
+    fits = is_number(value) and (value > low if above else value >= low) and (high is None or value <= high)
     if not fits:
         span = f"> {low:g}" if above else f">= {low:g}"
         span = f"between {low:g} and {high:g}" if high is not None else span
@@ -158,14 +158,6 @@ def _key(where: str, key: str) -> str:
     if not where:
         return key
     return f"{where}.{key}" if where == "data" else f"{where}: {key}"
-
-
-def _is_whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _text_hint(value) -> str:
