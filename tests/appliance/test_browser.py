@@ -140,3 +140,14 @@ def test_touchscreen_live_login_and_one_tap_review(served, page):
         kinds = {k for (k,) in db.execute("SELECT kind FROM outbox WHERE inspection_id = ?", [inspection_id])}
     assert reviews == [("ana", chosen)]
     assert kinds == {"review", "preference"}
+
+    # Another tablet reviews the part now on screen first: a tap here is refused, naming who,
+    # and nothing contradicting bob's review is stored or sent.
+    part = page.get_by_text(re.compile(rf"Part #(?!{inspection_id}\b)\d+ at"))
+    expect(part).to_be_visible()
+    shown = int(re.search(r"Part #(\d+)", part.inner_text()).group(1))
+    appliance.store.add_review(shown, "bob", "no defect seen by bob")
+    options.first.locator("xpath=ancestor::label[1]").click()
+    expect(page.get_by_text(f"part #{shown} was already reviewed by bob")).to_be_visible()
+    with sqlite3.connect(appliance.cfg.db_path) as db:
+        assert db.execute("SELECT operator FROM reviews WHERE inspection_id = ?", [shown]).fetchall() == [("bob",)]
