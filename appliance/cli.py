@@ -133,18 +133,15 @@ def cmd_bundle(args) -> int:
     from models import bundle as lib
     if args.action != "keygen" and not args.bundle:
         raise ConfigError(f"name the bundle directory: linejudge bundle {args.action} <bundle>")
+    if args.action in ("sign", "recalibrate") and not args.key:
+        raise ConfigError(f"{args.action} signs the manifest: pass --key with the HQ private key (written by "
+                          "`linejudge bundle keygen`) and --key-id if it is not 'hq'")
     if args.action == "keygen":
         private, public = lib.generate_keypair(args.out, args.key_id)
         print(f"private key {private} (keep it at HQ)\npublic key  {public} (give it to appliances)")
     elif args.action == "sign":
-        if not args.key:
-            raise ConfigError("sign needs the HQ private key: pass --key <file>.key (written by "
-                              "`linejudge bundle keygen`) and --key-id if it is not 'hq'")
         print(f"signed {lib.sign_bundle(args.bundle, args.key, args.key_id)}")
     elif args.action == "recalibrate":
-        if not args.key:
-            raise ConfigError("recalibrate rewrites the manifest, so it must sign it again: pass --key "
-                              "with the HQ private key (and --key-id if it is not 'hq')")
         from export.build_bundle import recalibrate_bundle
         keys = lib.load_public_keys(args.trust or _default_trust(args.bundle))
         thresholds = recalibrate_bundle(Path(args.bundle), args.key, args.key_id, keys)["thresholds"]

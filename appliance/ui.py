@@ -65,7 +65,7 @@ def status_view(appliance) -> str:
 
 def next_review(appliance):
     queue = appliance.store.review_queue(limit=1)
-    count = len(appliance.store.review_queue(limit=1000))
+    count = appliance.store.stats()["review_queue"]
     if not queue:
         return None, "Nothing to review.", gr.update(choices=[], value=None), None
     row = appliance.store.inspection(queue[0]["id"])

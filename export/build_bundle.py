@@ -21,6 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from appliance.candidates import load_catalog
+from appliance.config import is_whole
 from appliance.errors import ConfigError, LinejudgeError
 from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
 from appliance.scoring.onnx_backend import OnnxBackend
@@ -58,7 +59,7 @@ class ExportOptions:
         for name, value, example in (("version", self.version, 2),
                                      ("calibration_frames", self.calibration_frames, CALIBRATION_FRAMES),
                                      ("val_limit", 1 if self.val_limit is None else self.val_limit, 200)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_whole(value) or value < 1:
                 raise ConfigError(f"export {name} must be a whole number of at least 1, "
                                   f"e.g. --{name.replace('_', '-')} {example}; got {value!r}")
 

@@ -15,8 +15,8 @@ import binascii
 import hashlib
 import json
 import os
-import threading
 import stat
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 from typing import Iterable

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from appliance.config import is_whole
 from appliance.errors import ConfigError
 from appliance.preprocess import PreprocessSpec
 from models.reward_model import RewardModel, load_model
@@ -147,7 +148,7 @@ def _confusion(truth, pred, k) -> np.ndarray:
 # ------------------------------------------------------------------ the whole evaluation
 def check_limit(limit) -> None:
     """None (every frame) or a whole number >= 1: a limit of 0 or below would evaluate nothing."""
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+    if limit is not None and (not is_whole(limit) or limit < 1):
         raise ConfigError(f"the evaluation limit must be a whole number of at least 1 (or left out for "
                           f"every frame), e.g. --limit 200; got {limit!r}")
 
@@ -217,7 +218,6 @@ def _heldout(model, enc, syn, data, seed) -> dict:
 def evaluate_cli(args) -> int:
     from training.report import write_report
     from training.evaluate_bundle import HEADLINE, OPERATOR_KEYS, evaluate_bundle, is_bundle
-    check_limit(args.limit)
     out = Path(args.json)
     if is_bundle(args.model):       # the exported graphs: JSON only, INT8 beside fp32
         metrics = evaluate_bundle(Path(args.model), args.split, args.limit)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from appliance.config import is_whole
 from appliance.errors import BadExplanation, ConfigError, LinejudgeError
 from appliance.preprocess import check_explanation, read_image, resize_gray
 from models import bundle as bundle_lib
@@ -180,7 +181,7 @@ def check_request(cfg: TrainConfig, opts: RetrainOptions) -> None:
     if names != FLEET_STAGES:
         raise ConfigError(f"{cfg.name} is not a fleet retraining config (its stages are {list(names)}, "
                           f"retraining needs {list(FLEET_STAGES)}): use training/configs/fleet.yaml")
-    if not isinstance(opts.fleet_repeat, int) or opts.fleet_repeat < 1:
+    if not is_whole(opts.fleet_repeat) or opts.fleet_repeat < 1:
         raise RetrainError(f"--fleet-repeat {opts.fleet_repeat}: each fleet pair must be seen at least once "
                            "per epoch; use a whole number of 1 or more (default 8)")
     if opts.key:
