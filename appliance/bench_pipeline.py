@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.config import DEFAULT_BUNDLE, config_from_dict
+from models.platform import platform_record
 
 EXTRA = ["hairline crack along the upper busbar", "dark corner region, lower right", "finger interruption near the center",
          "soldering defect at the left edge", "uniform cell, no visible issue", "scratch across the middle",
@@ -26,7 +27,8 @@ EXTRA = ["hairline crack along the upper busbar", "dark corner region, lower rig
 def run_pipeline_bench(bundle: str | Path = DEFAULT_BUNDLE, json_path: str | Path = "pipeline.json",
                        seconds: float = 20.0, keys: list | None = None, repeats: int = 3) -> dict:
     """`repeats` runs, each with its own scorer-only reference; the headline figures are the
-    medians (a shared 2-core VM drifts by 10-20 % between runs), every run is in `runs`."""
+    medians (a shared 2-core VM drifts by 10-20 % between runs), every run is in `runs`; `platform`
+    records the CPU, its INT8 kernel path and the onnxruntime that ran (models/platform.py)."""
     runs = [_one_run(bundle, seconds, keys) for _ in range(repeats)]
     summary = {"candidates": runs[0]["candidates"],
                "pipeline_fps_n16": float(np.median([r["pipeline_fps"] for r in runs])),
@@ -35,7 +37,8 @@ def run_pipeline_bench(bundle: str | Path = DEFAULT_BUNDLE, json_path: str | Pat
                "seconds": seconds, "repeats": repeats, "runs": runs,
                "frames_dropped": sum(r["frames_dropped"] for r in runs), "provider": runs[0]["provider"],
                "scoring_threads": runs[0]["scoring_threads"], "frames_saved": runs[0]["frames_saved"],
-               "frame_bytes": "replayed PNG file bytes (no re-encode)"}
+               "frame_bytes": "replayed PNG file bytes (no re-encode)",
+               "platform": platform_record(runs[0]["provider"])}
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

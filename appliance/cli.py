@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, help="where to write the metrics JSON")
     p.add_argument("--report", help="HTML report path (default: beside the JSON)")
     p.add_argument("--limit", type=positive_int, help="evaluate on at most this many frames per set")
+    p.add_argument("--precision", choices=("both", "int8", "fp32"),
+                   help="bundles only: which graphs to evaluate (default both: INT8 as the flat keys, "
+                        "fp32 as fp32_* twins, with the INT8 drop and int8_vs_fp32 agreement)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="trained run -> signed bundle (ONNX fp32 + INT8, optional TensorRT)")
@@ -278,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency/throughput of torch, ONNX fp32 and INT8 (JSON + PNG)")
     p.add_argument("--json", required=True)
-    p.add_argument("--run", default="runs/full", help="training run (torch variants)")
+    p.add_argument("--run", help="training run for the torch variants (default: build them from the bundle's "
+                                 "training config, random weights, timing only)")
     p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle (ONNX variants)")
     p.add_argument("--frames", type=positive_int, default=30, help="timed frames per setting")
     p.add_argument("--pipeline", action="store_true", help="whole appliance pipeline from a replay source")

@@ -6,7 +6,12 @@ Variants (each in its own process, so peak memory is its own):
   onnx-fp32       the bundle's fp32 graphs, catalog features cached (as the appliance runs)
   onnx-int8       the bundle's INT8 graphs, catalog features cached (as the appliance runs)
 For N = 1, 4, 16, 64 candidates, single-thread and all threads: p50/p99 latency per frame,
-frames/s; plus size on disk, peak RSS, and a PNG plot.
+frames/s; plus size on disk, peak RSS, the platform record (models/platform.py) and a PNG plot.
+
+The torch variants come from a training run (`--run`), or, without one, are built from the
+model configs of the training config the bundle's manifest names (`lineage.training_config`,
+e.g. "full" -> training/configs/full.yaml) with random weights: their timings do not depend on
+trained weights, so `linejudge bench` runs on a fresh clone. `torch_models` in the JSON says which.
 
 Every variant gets the same input: a frame already at the model's size, normalised inside the
 timed call. A camera frame must also be resized first (cv2 INTER_AREA, ~0.12 ms for ELPV's
@@ -29,6 +34,9 @@ import numpy as np
 from appliance.errors import ModelError
 
 CANDIDATES = (1, 4, 16, 64)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "training" / "configs"
+FROM_CONFIG = "config:"      # a torch source that is a training config, not a run directory
+TORCH_SUBDIRS = {"torch-teacher": "multimodal/model", "torch-student": "distill/model"}
 VARIANTS = ("torch-teacher", "torch-student", "onnx-fp32", "onnx-int8")
 
 
@@ -52,13 +60,30 @@ def _timeit(fn, frames: int, warmup: int = 3, min_seconds: float = 1.0) -> np.nd
     return np.array(times)
 
 
-def _torch_runner(model_dir: Path, threads: int):
+def torch_model(variant: str, source: str):
+    """The variant's torch model and what it came from: a run's saved model, or (source
+    "config:<yaml>") one built from that training config's teacher/student config, random weights."""
+    if source.startswith(FROM_CONFIG):
+        from dataclasses import replace
+
+        import torch
+        from models.reward_model import RewardModel
+        from training.config import load_config
+        config = load_config(source[len(FROM_CONFIG):])
+        cfg = config.teacher if variant == "torch-teacher" else config.student
+        torch.manual_seed(0)
+        model = RewardModel(replace(cfg, pretrained_image=False)).eval()   # no ImageNet read: timing only
+        return model, {"training_config_hash": config.hash()}
+    from models.reward_model import load_model
+    return load_model(Path(source) / TORCH_SUBDIRS[variant]), {}
+
+
+def _torch_runner(variant: str, source: str, threads: int):
     import torch
     from appliance.preprocess import PreprocessSpec
-    from models.reward_model import load_model
     from training.stages import Encoder
     torch.set_num_threads(threads)
-    model = load_model(model_dir)
+    model, about = torch_model(variant, source)
     enc = Encoder(PreprocessSpec(model.config.image_size, max_tokens=model.config.max_tokens))
     frame = np.random.default_rng(0).integers(0, 255, (1, model.config.image_size, model.config.image_size), np.uint8)
 
@@ -72,7 +97,9 @@ def _torch_runner(model_dir: Path, threads: int):
             ids, mask = enc.texts(texts)
             return model.scorer(model.image_encoder(enc.frames(frame)), model.text_encoder(ids, mask))
         return run
-    return make, model.image_encoder
+    about = {**about, "parameters": model.parameter_count(), "image_size": model.config.image_size,
+             "weights_mb": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6}
+    return make, about
 
 
 CAMERA_PX = 300   # ELPV's native size: the resize a camera frame needs before the model
@@ -94,38 +121,41 @@ def _onnx_runner(bundle: Path, threads: int, int8: bool):
             return backend.rewards(backend.image_features(frame_to_input(frame, spec)), features)
         return run
     image_only = lambda: backend.image_features(frame_to_input(model_frame, spec))  # noqa: E731
-    return make, image_only
+    return make, image_only, backend.provider
 
 
-def _timed_row(fn, frames: int, **keys) -> dict:
-    t = _timeit(fn, frames)
+def _timed_row(fn, frames: int, min_seconds: float = 1.0, **keys) -> dict:
+    t = _timeit(fn, frames, min_seconds=min_seconds)
     return {**keys, "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
             "fps": float(1000 / t.mean())}
 
 
-def measure_variant(variant: str, run_dir: Path, bundle: Path, frames: int) -> dict:
-    rows = []
+def measure_variant(variant: str, torch_source: str, bundle: Path, frames: int, min_seconds: float = 1.0) -> dict:
+    rows, about = [], {}
     for threads in (1, os.cpu_count() or 1):
         if variant.startswith("torch"):
-            sub = "multimodal/model" if variant == "torch-teacher" else "distill/model"
-            make, _ = _torch_runner(run_dir / sub, threads)
+            make, about = _torch_runner(variant, torch_source, threads)
         else:
-            make, image_only = _onnx_runner(bundle, threads, int8=variant == "onnx-int8")
+            make, image_only, provider = _onnx_runner(bundle, threads, int8=variant == "onnx-int8")
+            about = {"provider": provider}
         row = dict(variant=variant, threads=threads)
-        rows += [_timed_row(make(n), frames, **row, candidates=n) for n in CANDIDATES]
+        rows += [_timed_row(make(n), frames, min_seconds, **row, candidates=n) for n in CANDIDATES]
         if not variant.startswith("torch"):
             camera_frame = np.random.default_rng(1).integers(0, 255, (CAMERA_PX, CAMERA_PX), np.uint8)
-            rows.append(_timed_row(make(16, camera_frame), frames, **row, candidates=16, from_px=CAMERA_PX))
-            rows.append(_timed_row(image_only, frames, **row, candidates=0, image_encoder_only=True))
+            rows.append(_timed_row(make(16, camera_frame), frames, min_seconds, **row, candidates=16,
+                                   from_px=CAMERA_PX))
+            rows.append(_timed_row(image_only, frames, min_seconds, **row, candidates=0, image_encoder_only=True))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rows": rows, "peak_rss_mb": peak_mb}
+    return {"rows": rows, "peak_rss_mb": peak_mb, **about}
 
 
 def _size_mb(paths) -> float:
     return sum(p.stat().st_size for p in paths if p.exists()) / 1e6
 
 
-def summarize(results: dict, run_dir: Path, bundle: Path) -> dict:
+def summarize(results: dict, run_dir: Path | None, bundle: Path) -> dict:
+    """The flat figures of one run of every variant. run_dir None: the torch models were built
+    from a config, so their size is that of their weights in memory (fp32, as saved)."""
     def p50(variant, n, threads, from_px=None):
         return next(r["p50_ms"] for r in results[variant]["rows"] if r["candidates"] == n and
                     r["threads"] == threads and not r.get("image_encoder_only") and r.get("from_px") == from_px)
@@ -142,8 +172,8 @@ def summarize(results: dict, run_dir: Path, bundle: Path) -> dict:
         "per_candidate_cost_ratio": per_candidate / image_ms,
         "int8_p50_ms_n16": p50("onnx-int8", 16, all_threads),
         "threads_all": all_threads,
-        "size_mb": {"torch-teacher": _size_mb([run_dir / "multimodal/model/model.safetensors"]),
-                    "torch-student": _size_mb([run_dir / "distill/model/model.safetensors"]),
+        "size_mb": {**{v: (_size_mb([run_dir / sub / "model.safetensors"]) if run_dir is not None
+                           else results[v].get("weights_mb")) for v, sub in TORCH_SUBDIRS.items() if v in results},
                     "onnx-fp32": _size_mb([bundle / f for f in ("image_encoder.onnx", "scorer.onnx")]),
                     "onnx-int8": _size_mb([bundle / f for f in ("image_encoder.int8.onnx", "scorer.int8.onnx")])},
         "peak_rss_mb": {v: results[v]["peak_rss_mb"] for v in results},
@@ -178,22 +208,58 @@ class BenchError(ModelError):
     """A benchmark input is missing, or a variant's process failed (its own error is quoted)."""
 
 
-def check_inputs(run_dir: Path, bundle: Path) -> None:
-    """Every variant's files, before any process starts."""
-    run_dir, bundle = Path(run_dir), Path(bundle)
-    for sub in ("multimodal/model", "distill/model"):
-        if not (run_dir / sub / "model.safetensors").is_file():
-            raise BenchError(f"run {run_dir} has no {sub} (the torch variants need the teacher and the "
-                             f"student): pass --run with a finished `linejudge train` run directory, e.g. "
-                             f"`linejudge train --config training/configs/full.yaml --out {run_dir}` first")
+def check_inputs(run_dir: Path | None, bundle: Path) -> tuple[str, str]:
+    """Every variant's inputs, before any process starts. Returns the torch variants' source
+    (a run directory, or "config:<yaml>") and what to say about it in the JSON."""
+    bundle = Path(bundle)
     if not (bundle / "manifest.json").is_file():
         raise BenchError(f"{bundle} is not a bundle (no manifest.json): pass --bundle with a directory "
                          f"written by `linejudge export`")
+    if run_dir is None:
+        config = training_config_of(bundle)
+        return FROM_CONFIG + str(config), (f"built from {_shown(config)} model configs, random weights "
+                                           f"(timing only)")
+    run_dir = Path(run_dir)
+    for sub in TORCH_SUBDIRS.values():
+        if not (run_dir / sub / "model.safetensors").is_file():
+            raise BenchError(f"run {run_dir} has no {sub} (the torch variants need the teacher and the "
+                             f"student): pass --run with a finished `linejudge train` run directory, e.g. "
+                             f"`linejudge train --config training/configs/full.yaml --out {run_dir}` first, "
+                             f"or leave --run out to time models built from the bundle's training config")
+    return str(run_dir), f"from run {run_dir}"
 
 
-def _measure(variant: str, run_dir: Path, bundle: Path, frames: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "export.bench", variant, str(run_dir), str(bundle), str(frames)],
-                         capture_output=True, text=True)
+def training_config_of(bundle: Path) -> Path:
+    """The training config the bundle's manifest names (lineage.training_config), as a file."""
+    try:
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"{bundle}/manifest.json cannot be read ({exc}): pass --bundle with a directory "
+                         f"written by `linejudge export`") from None
+    lineage = manifest.get("lineage") if isinstance(manifest, dict) else None
+    name = lineage.get("training_config") if isinstance(lineage, dict) else None
+    if not isinstance(name, str) or not name:
+        raise BenchError(f"bundle {bundle} names no training config (manifest lineage.training_config), "
+                         f"so the torch variants cannot be built from it: pass --run with the training run "
+                         f"it came from")
+    path = CONFIG_DIR / f"{name}.yaml"
+    if "/" in name or "\\" in name or not path.is_file():
+        raise BenchError(f"bundle {bundle} was trained with config {name!r}, but there is no "
+                         f"{_shown(path)}: pass --run with the training run it came from")
+    return path
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository where it lies inside it (training/configs/full.yaml)."""
+    try:
+        return str(Path(path).resolve().relative_to(CONFIG_DIR.parent.parent))
+    except ValueError:
+        return str(path)
+
+
+def _measure(variant: str, torch_source: str, bundle: Path, frames: int, min_seconds: float = 1.0) -> dict:
+    out = subprocess.run([sys.executable, "-m", "export.bench", variant, torch_source, str(bundle), str(frames),
+                          repr(float(min_seconds))], capture_output=True, text=True)
     if out.returncode != 0:
         raise BenchError(f"bench {variant} failed (exit {out.returncode}): {child_error(out.stderr)}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -217,23 +283,34 @@ def median_run(summaries: list[dict], key: str = "int8_vs_fp32_speedup_n16") -> 
     return chosen
 
 
-def run_bench(run_dir: Path, bundle: Path, json_path: Path, frames: int = 30, repeats: int = 3) -> dict:
+def run_bench(run_dir: Path | None, bundle: Path, json_path: Path, frames: int = 30, repeats: int = 3,
+              min_seconds: float = 1.0) -> dict:
     """The torch variants once (their gap to INT8 is two orders of magnitude); the ONNX variants,
     whose ratio is what this noisy-neighbour machine moves, `repeats` times, each in a fresh
-    process, interleaved; the median run is reported."""
-    check_inputs(run_dir, bundle)
+    process, interleaved; the median run is reported. run_dir None: the torch variants are
+    built from the bundle's training config (random weights; timings do not depend on them).
+    Each setting is timed for at least `frames` calls and `min_seconds`."""
+    from models.platform import platform_record
+    torch_source, torch_about = check_inputs(run_dir, bundle)
+    run_dir = Path(run_dir) if run_dir is not None else None
     torch_results = {}
     for variant in VARIANTS[:2]:
         print(f"bench {variant} ...", flush=True)
-        torch_results[variant] = _measure(variant, run_dir, bundle, frames)
+        torch_results[variant] = _measure(variant, torch_source, bundle, frames, min_seconds)
     summaries = []
     for r in range(repeats):
         results = dict(torch_results)
         for variant in VARIANTS[2:]:
             print(f"bench {variant} (run {r + 1}/{repeats}) ...", flush=True)
-            results[variant] = _measure(variant, run_dir, bundle, frames)
-        summaries.append(summarize(results, Path(run_dir), Path(bundle)))
+            results[variant] = _measure(variant, torch_source, bundle, frames, min_seconds)
+        summaries.append(summarize(results, run_dir, Path(bundle)))
     summary = median_run(summaries)
+    summary["torch_models"] = torch_about
+    summary["torch_model_details"] = {v: {k: torch_results[v][k] for k in
+                                          ("parameters", "image_size", "training_config_hash") if k in torch_results[v]}
+                                      for v in VARIANTS[:2]}
+    summary["platform"] = platform_record(results["onnx-int8"].get("provider"))   # the ONNX variants' provider
+    summary["frames"], summary["repeats"], summary["min_seconds"] = frames, repeats, min_seconds
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -242,5 +319,6 @@ def run_bench(run_dir: Path, bundle: Path, json_path: Path, frames: int = 30, re
 
 
 if __name__ == "__main__":  # one variant, in its own process
-    variant, run_dir, bundle, frames = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-    print(json.dumps(measure_variant(variant, run_dir, bundle, frames)))
+    variant, torch_source, bundle, frames = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+    min_seconds = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
+    print(json.dumps(measure_variant(variant, torch_source, bundle, frames, min_seconds)))

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from appliance.config import is_whole
 from appliance.errors import ConfigError
 from appliance.preprocess import PreprocessSpec
 from models.reward_model import RewardModel, load_model
-from training.data import elpv, synthetic
-from training.data.batches import el_catalog, elpv_set, synthetic_set
+from training.metrics import (SYNTHETIC_EVAL_SEED, check_limit, ece, elpv_metrics,  # noqa: F401 (re-exported)
+                              eval_sets, oriented_pairs, pair_correct, set_metrics, synthetic_by_fact)
 from training.stages import Encoder, rewards
 
 ANCHORS = {  # ELPV binary accuracy unless noted
@@ -25,7 +24,6 @@ ANCHORS = {  # ELPV binary accuracy unless noted
     "lightweight CPU CNNs since (binary)": 0.895,
     "lightweight CPU CNNs since (4-level)": 0.835,
 }
-SYNTHETIC_EVAL_SEED = {"val": 1001, "test": 2002}
 
 
 # ------------------------------------------------------------------ loading
@@ -78,59 +76,11 @@ def score_sets(model, enc, data, seed: int, heldout=False, swap=False, blank=Fal
     return np.concatenate(out)
 
 
-def pair_correct(r: np.ndarray) -> np.ndarray:
-    """(N, C) rewards with the right one first -> (N, C-1) booleans."""
-    return r[:, :1] > r[:, 1:]
-
-
-def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[float, list[dict]]:
-    edges = np.linspace(0, 1, bins + 1)
-    table, total = [], 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (probs >= lo) & (probs < hi if hi < 1 else probs <= hi)
-        if sel.any():
-            conf, acc = float(probs[sel].mean()), float(labels[sel].mean())
-            total += sel.mean() * abs(conf - acc)
-            table.append({"lo": float(lo), "hi": float(hi), "confidence": conf, "accuracy": acc,
-                          "count": int(sel.sum())})
-    return float(total), table
-
-
-def oriented_pairs(r: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Every (right, wrong) pair in random order -> P(first wins), first-is-right."""
-    diff = (r[:, :1] - r[:, 1:]).ravel()
-    flip = rng.random(diff.shape) < 0.5
-    return 1 / (1 + np.exp(-np.where(flip, -diff, diff))), (~flip).astype(float)
-
-
-# ------------------------------------------------------------------ ELPV
-def elpv_metrics(scores: np.ndarray, data) -> dict:
-    cat = data.catalog
-    levels = np.array([round(e.facts["level"] * 3) for e in cat.entries])
-    types = np.array([e.facts["type"] for e in cat.entries])
-    defective = np.array([bool(e.facts["defective"]) for e in cat.entries])
-    probs = np.exp(scores - scores.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    p_defective = probs[:, defective].sum(1)
-    best = scores.argmax(1)
-    true_level, true_type = np.asarray(data.levels), np.asarray(data.types)
-    true_bin = np.array([elpv.LEVELS[l] >= 0.5 for l in true_level])
-    pred_bin, pred_level = p_defective >= 0.5, levels[best]
-    truth_idx = np.array([data.truth(i) for i in range(len(data))])
-    m = {"elpv_frames": len(data),
-         "elpv_binary_accuracy": float((pred_bin == true_bin).mean()),
-         "elpv_level_accuracy": float((pred_level == true_level).mean()),
-         "elpv_type_accuracy": float((types[best] == true_type).mean()),
-         "elpv_top1_accuracy": float((best == truth_idx).mean())}
-    for t in ("mono", "poly"):
-        sel = true_type == t
-        if sel.any():
-            m[f"elpv_binary_accuracy_{t}"] = float((pred_bin[sel] == true_bin[sel]).mean())
-            m[f"elpv_level_accuracy_{t}"] = float((pred_level[sel] == true_level[sel]).mean())
-    m["confusion_level"] = _confusion(true_level, pred_level, 4).tolist()
-    m["confusion_binary"] = _confusion(true_bin.astype(int), pred_bin.astype(int), 2).tolist()
-    ordered = np.stack([np.concatenate([[s[t]], np.delete(s, t)]) for s, t in zip(scores, truth_idx)])
-    return m, ordered
+def torch_set_scorer(model, enc, seed: int):
+    """score_sets for training.metrics: this torch model's candidate-set rewards."""
+    def score(data, heldout=False, swap=False, blank=False):
+        return score_sets(model, enc, data, seed, heldout=heldout, swap=swap, blank=blank)
+    return score
 
 
 def elpv_binary_accuracy(model: RewardModel, enc: Encoder, data) -> float:
@@ -139,49 +89,22 @@ def elpv_binary_accuracy(model: RewardModel, enc: Encoder, data) -> float:
     return elpv_metrics(scores, data)[0]["elpv_binary_accuracy"]
 
 
-def _confusion(truth, pred, k) -> np.ndarray:
-    out = np.zeros((k, k), int)
-    np.add.at(out, (truth, pred), 1)
-    return out
-
-
 # ------------------------------------------------------------------ the whole evaluation
-def check_limit(limit) -> None:
-    """None (every frame) or a whole number >= 1: a limit of 0 or below would evaluate nothing."""
-    if limit is not None and (not is_whole(limit) or limit < 1):
-        raise ConfigError(f"the evaluation limit must be a whole number of at least 1 (or left out for "
-                          f"every frame), e.g. --limit 200; got {limit!r}")
-
-
 def evaluate(model_dir: Path, split: str, limit: int | None = None, seed: int = 0) -> tuple[dict, dict]:
     check_limit(limit)
     found = find_models(model_dir)
     model = load_model(found["model"])
     spec = PreprocessSpec(model.config.image_size, max_tokens=model.config.max_tokens)
     enc = Encoder(spec)
-    data = elpv_set(split, spec.image_size, limit=limit, seed=seed)
-    backgrounds = data.images[np.asarray(data.levels) == 0][:100]
-    n_syn = min(limit or 400, 400)
-    syn = synthetic_set(f"synthetic-{split}", n_syn, spec.image_size, SYNTHETIC_EVAL_SEED[split], 0.5, backgrounds)
+    data, syn = eval_sets(split, spec.image_size, limit, seed)
     rng = np.random.default_rng(seed)
 
     el_scores = score_fixed_candidates(model, enc, data.images, data.catalog.displays)
     metrics, el_ordered = elpv_metrics(el_scores, data)
-    syn_r = score_sets(model, enc, syn, seed)
-    syn_pairs, el_pairs = pair_correct(syn_r), pair_correct(el_ordered)
-    metrics.update({
-        "model": str(found["model"]), "split": split, "model_config": model.config.name,
-        "parameters": model.parameter_count(),
-        "pairwise_accuracy": float(np.concatenate([syn_pairs.ravel(), el_pairs.ravel()]).mean()),
-        "elpv_pairwise_accuracy": float(el_pairs.mean()),
-        "synthetic_pairwise_accuracy": float(syn_pairs.mean()),
-        "best_of_n_accuracy": float(syn_pairs.all(1).mean()),
-        "best_of_n_candidates": int(syn_r.shape[1]),
-        "image_swap_accuracy": float(pair_correct(score_sets(model, enc, syn, seed, swap=True)).mean()),
-        "blank_frame_accuracy": float(pair_correct(score_sets(model, enc, syn, seed, blank=True)).mean()),
-    })
-    metrics.update(synthetic_by_fact(syn, syn_pairs))
-    metrics.update(_heldout(model, enc, syn, data, seed))
+    metrics.update({"model": str(found["model"]), "split": split, "model_config": model.config.name,
+                    "parameters": model.parameter_count()})
+    sets, syn_r = set_metrics(torch_set_scorer(model, enc, seed), syn, data, el_ordered)
+    metrics.update(sets)
     probs, labels = oriented_pairs(np.concatenate([syn_r, el_ordered[:, :4]]), rng)
     metrics["ece"], reliability = ece(probs, labels)
     if "proxy" in found:
@@ -197,39 +120,16 @@ def evaluate(model_dir: Path, split: str, limit: int | None = None, seed: int = 
     return metrics, {"reliability": reliability}
 
 
-def synthetic_by_fact(syn, correct: np.ndarray) -> dict:
-    """Synthetic pairwise accuracy split by the fact the hard negative changed: which facts the
-    model reads from the frame and which it misses."""
-    kinds = np.array([[synthetic.changed_fact(f, n) for n in negs] for f, negs in zip(syn.facts, syn.negatives)])
-    return {f"synthetic_pairwise_accuracy_{kind}": float(correct[kinds == kind].mean())
-            for kind in synthetic.FACT_KINDS if (kinds == kind).any()}
-
-
-def _heldout(model, enc, syn, data, seed) -> dict:
-    """Seen vs held-out phrasings on the same frames and the same wrong facts."""
-    seen = np.concatenate([pair_correct(score_sets(model, enc, syn, seed)).ravel(),
-                           pair_correct(score_sets(model, enc, data, seed)).ravel()])
-    held = np.concatenate([pair_correct(score_sets(model, enc, syn, seed, heldout=True)).ravel(),
-                           pair_correct(score_sets(model, enc, data, seed, heldout=True)).ravel()])
-    return {"seen_phrasing_accuracy": float(seen.mean()), "heldout_phrasing_accuracy": float(held.mean()),
-            "heldout_phrasing_gap": float(seen.mean() - held.mean())}
-
-
 def evaluate_cli(args) -> int:
     from training.report import write_report
-    from training.evaluate_bundle import HEADLINE, OPERATOR_KEYS, evaluate_bundle, is_bundle
+    from training.evaluate_bundle import is_bundle
     out = Path(args.json)
+    precision = getattr(args, "precision", None)
     if is_bundle(args.model):       # the exported graphs: JSON only, INT8 beside fp32
-        metrics = evaluate_bundle(Path(args.model), args.split, args.limit)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2) + "\n")
-        for k in HEADLINE:
-            print(f"{k:28s} int8 {metrics[k]:.4f}  fp32 {metrics['fp32_' + k]:.4f}  "
-                  f"drop {metrics['int8_drop_points_' + k]:+.2f} points")
-        for k in OPERATOR_KEYS:
-            print(f"{k:28s} int8 {metrics[k]:.4f}" if metrics[k] is not None else f"{k:28s} int8 -")
-        print(f"metrics -> {out}")
-        return 0
+        return _bundle_cli(args, out, precision or "both")
+    if precision:
+        raise ConfigError(f"--precision is for bundles (int8 or fp32 graphs); {args.model} is a trained "
+                          f"model, evaluated in fp32 torch: leave --precision out")
     metrics, extras = evaluate(Path(args.model), args.split, args.limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -240,4 +140,26 @@ def evaluate_cli(args) -> int:
     for k in keys:
         print(f"{k:28s} {metrics[k]:.4f}")
     print(f"metrics -> {out}\nreport  -> {report}")
+    return 0
+
+
+def _bundle_cli(args, out: Path, precision: str) -> int:
+    from training.evaluate_bundle import HEADLINE, OPERATOR_KEYS, evaluate_bundle
+    metrics = evaluate_bundle(Path(args.model), args.split, args.limit, precision=precision)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    flat = metrics["precision"]
+    for k in HEADLINE:
+        if precision == "both":
+            print(f"{k:28s} int8 {metrics[k]:.4f}  fp32 {metrics['fp32_' + k]:.4f}  "
+                  f"drop {metrics['int8_drop_points_' + k]:+.2f} points")
+        else:
+            print(f"{k:28s} {flat} {metrics[k]:.4f}")
+    if precision == "both":
+        agree = metrics["int8_vs_fp32"]
+        print(f"{'int8_vs_fp32 top1_agreement':28s} {agree['top1_agreement']:.4f} (catalog), "
+              f"{agree['synthetic_top1_agreement']:.4f} (synthetic sets)")
+    for k in OPERATOR_KEYS:
+        print(f"{k:28s} {flat} {metrics[k]:.4f}" if metrics[k] is not None else f"{k:28s} {flat} -")
+    print(f"metrics -> {out}")
     return 0

@@ -1,10 +1,15 @@
 """`linejudge eval --model <bundle>`: the exported graphs on the fixed ELPV split, INT8 beside fp32.
 
-What the appliance runs is judged with the same metrics as the torch model (ELPV binary and
-4-level accuracy, pairwise accuracy on ELPV and synthetic candidate sets), once with the fp32
-graphs and once with the INT8 ones, so the cost of quantization on the *test* split is a
-number anyone can rerun (the export gate only sees val). The INT8 run also reports what the
-line sees with the bundle's own flag thresholds (`operator_metrics`).
+What the appliance runs is judged with the same metrics as the torch model, computed by the
+same code (`training/metrics.py`): ELPV binary and 4-level accuracy, pairwise accuracy on ELPV
+and synthetic candidate sets, the image-reliance checks (frames swapped between items, a blank
+frame), per-fact synthetic accuracy and seen vs held-out phrasings — once with the INT8 graphs
+and once with the fp32 ones (`precision="both"`, the default), so the cost of quantization on
+the *test* split is a number anyone can rerun (the export gate only sees val). The flat keys
+are the INT8 graphs' (or, with one precision, that precision's); `fp32_*` are the twins,
+`int8_drop_points_*` the drops, and `int8_vs_fp32` how often the two agree. The flat keys also
+report what the line sees with the bundle's own flag thresholds (`operator_metrics`), and
+`platform` where the figures were measured. No torch import.
 """
 from __future__ import annotations
 
@@ -15,49 +20,107 @@ import numpy as np
 
 from appliance import decide
 from appliance.candidates import load_catalog
-from appliance.preprocess import PreprocessSpec, TextTokenizer
+from appliance.errors import ConfigError
+from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import verify
 from export.decide_stats import catalog_defective, catalog_outputs, flag_outcomes
-from training.data.batches import elpv_set, synthetic_set
-from training.evaluate import SYNTHETIC_EVAL_SEED, elpv_metrics, pair_correct
+from models.platform import platform_record
+from training.metrics import check_limit, elpv_metrics, eval_sets, set_metrics
 
 HEADLINE = ("elpv_binary_accuracy", "elpv_level_accuracy", "elpv_pairwise_accuracy",
-            "synthetic_pairwise_accuracy", "pairwise_accuracy")
+            "synthetic_pairwise_accuracy", "pairwise_accuracy", "image_swap_accuracy",
+            "heldout_phrasing_accuracy")
 OPERATOR_KEYS = ("flag_rate", "unflagged_binary_accuracy", "defective_missed_rate", "defective_escape_rate",
                  "functional_false_alarm_rate")
+PRECISIONS = ("both", "int8", "fp32")
 
 
 def is_bundle(path: Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: int = 0) -> dict:
-    """Metrics of the INT8 graphs (flat keys) plus `fp32_*` twins and the INT8 drop in points."""
+def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: int = 0,
+                    precision: str = "both") -> dict:
+    """Metrics of the INT8 graphs (flat keys) plus `fp32_*` twins, the INT8 drop in points and
+    `int8_vs_fp32` agreement; precision "int8" or "fp32" evaluates those graphs alone (flat keys)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_limit(limit)
     bundle = Path(bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     spec = PreprocessSpec.from_dict(manifest["preprocessing"])
     tokenizer = TextTokenizer(bundle / "tokenizer.json", spec.max_tokens)
-    data = elpv_set(split, spec.image_size, limit=limit, seed=seed)
-    backgrounds = data.images[np.asarray(data.levels) == 0][:100]
-    syn = synthetic_set(f"synthetic-{split}", min(limit or 400, 400), spec.image_size,
-                        SYNTHETIC_EVAL_SEED[split], 0.5, backgrounds)
+    data, syn = eval_sets(split, spec.image_size, limit, seed)
     catalog = load_catalog(bundle / "catalog.yaml")
-    metrics = {"model": str(bundle), "model_version": manifest["version"], "split": split}
-    for prefix, int8 in (("", True), ("fp32_", False)):
+    metrics = {"model": str(bundle), "model_version": manifest["version"], "split": split,
+               "precision": "int8" if precision == "both" else precision}
+    runs = (("", True), ("fp32_", False)) if precision == "both" else (("", precision == "int8"),)
+    outputs = {}
+    for prefix, int8 in runs:
         backend = OnnxBackend(bundle, int8=int8)
         patches, rewards, blank = catalog_outputs(backend, tokenizer, spec, data.images, catalog)
         m, ordered = elpv_metrics(rewards, data)
-        if int8:
+        if not prefix:
             m.update(operator_metrics(manifest, catalog, patches, rewards, blank, data.levels))
-        syn_pairs = pair_correct(verify.backend_set_scores(backend, tokenizer, spec, syn, seed))
-        el_pairs = pair_correct(ordered)
-        m.update(elpv_pairwise_accuracy=float(el_pairs.mean()), synthetic_pairwise_accuracy=float(syn_pairs.mean()),
-                 pairwise_accuracy=float(np.concatenate([syn_pairs.ravel(), el_pairs.ravel()]).mean()))
+            metrics["platform"] = platform_record(backend.provider)
+        scorer = backend_set_scorer(backend, tokenizer, spec, seed, known={id(data): patches})
+        sets, syn_r = set_metrics(scorer, syn, data, ordered)
+        m.update(sets)
+        m["quantized_graphs"] = bool(backend.quantized)
+        outputs[prefix] = (rewards, syn_r)
         metrics.update({f"{prefix}{k}": v for k, v in m.items()})
-    for key in HEADLINE:
-        metrics[f"int8_drop_points_{key}"] = 100 * (metrics[f"fp32_{key}"] - metrics[key])
+    if precision == "both":
+        for key in HEADLINE:
+            metrics[f"int8_drop_points_{key}"] = 100 * (metrics[f"fp32_{key}"] - metrics[key])
+        metrics["int8_vs_fp32"] = int8_vs_fp32(outputs[""], outputs["fp32_"], metrics)
     return metrics
+
+
+def int8_vs_fp32(int8: tuple, fp32: tuple, metrics: dict) -> dict:
+    """How often the INT8 graphs pick what the fp32 ones pick: top-1 over the catalog on the ELPV
+    frames (the verdict) and over each synthetic candidate set, reward deltas, pairwise accuracy
+    of both."""
+    (el8, syn8), (el32, syn32) = int8, fp32
+    catalog = verify.agreement(el8, el32)
+    return {"top1_agreement": catalog["top1_agreement"],
+            "synthetic_top1_agreement": float((syn8.argmax(1) == syn32.argmax(1)).mean()),
+            "max_abs_reward_delta": catalog["max_abs_reward_delta"],
+            "mean_abs_reward_delta": catalog["mean_abs_reward_delta"],
+            "pairwise_int8": metrics["pairwise_accuracy"], "pairwise_fp32": metrics["fp32_pairwise_accuracy"]}
+
+
+def backend_set_scorer(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, seed: int,
+                       known: dict | None = None, batch: int = 64):
+    """score_sets for training.metrics through a ScoringBackend: (N, C) rewards, right candidate
+    first, the texts drawn as the torch eval draws them. Each set's frames are encoded once
+    (`known` maps id(data) to patches already computed) and reused for the swapped run."""
+    cache = dict(known or {})
+    gray = np.full((1, spec.image_size, spec.image_size), 128, np.uint8)   # as appliance.preprocess.blank_input
+    blank_patches = backend.image_features(normalize(gray, spec))
+
+    def patches_of(data) -> np.ndarray:
+        if id(data) not in cache:
+            cache[id(data)] = np.concatenate([backend.image_features(normalize(data.images[i:i + batch], spec))
+                                              for i in range(0, len(data), batch)])
+        return cache[id(data)]
+
+    def score(data, heldout=False, swap=False, blank=False) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        texts = [data.texts(i, rng, heldout=heldout) for i in range(len(data))]
+        patches = None if blank else patches_of(data)
+        if swap:
+            patches = np.roll(patches, 1, axis=0)
+        rows = []
+        for i in range(0, len(data), batch):
+            chunk = texts[i:i + batch]
+            features = backend.text_features(*tokenizer.encode([t for s in chunk for t in s]))
+            features = features.reshape(len(chunk), len(chunk[0]), *features.shape[1:])
+            for j, f in enumerate(features):
+                frame = blank_patches if blank else patches[i + j:i + j + 1]
+                rows.append(backend.rewards(frame, f)[0])
+        return np.stack(rows)
+    return score
 
 
 def operator_metrics(manifest: dict, catalog, patches, rewards, blank, levels, **overrides) -> dict:
