@@ -133,7 +133,7 @@ def cmd_bundle(args) -> int:
     from models import bundle as lib
     if args.action != "keygen" and not args.bundle:
         raise ConfigError(f"name the bundle directory: linejudge bundle {args.action} <bundle>")
-    if args.action in ("sign", "recalibrate") and not args.key:
+    if args.action in ("sign", "recalibrate", "requantize") and not args.key:
         raise ConfigError(f"{args.action} signs the manifest: pass --key with the HQ private key (written by "
                           "`linejudge bundle keygen`) and --key-id if it is not 'hq'")
     if args.action == "keygen":
@@ -146,6 +146,8 @@ def cmd_bundle(args) -> int:
         keys = lib.load_public_keys(args.trust or _default_trust(args.bundle))
         thresholds = recalibrate_bundle(Path(args.bundle), args.key, args.key_id, keys)["thresholds"]
         print(json.dumps(thresholds, indent=2))
+    elif args.action == "requantize":
+        _requantize(args, lib)
     else:
         keys = lib.load_public_keys(args.trust or _default_trust(args.bundle))
         manifest = lib.verify_bundle(args.bundle, keys, installed_version=args.installed_version,
@@ -153,6 +155,20 @@ def cmd_bundle(args) -> int:
         print(f"OK: {manifest['line']} v{manifest['version']}, {len(manifest['files'])} files, "
               f"expires {manifest.get('expires')}")
     return 0
+
+
+def _requantize(args, lib) -> None:
+    from export.build_bundle import ExportOptions, requantize_bundle
+    keys = lib.load_public_keys(args.trust or _default_trust(args.bundle))
+    opts = ExportOptions(keep_fp32=tuple(args.keep_fp32 or ()), calibration_frames=args.calibration_frames,
+                         val_limit=args.val_limit)
+    manifest = requantize_bundle(Path(args.bundle), Path(args.to or args.bundle), args.key, args.key_id,
+                                 keys, opts)
+    checks = manifest["quantization"]["int16_pair_check"]
+    print(f"bundle {args.to or args.bundle}: {manifest['line']} v{manifest['version']} "
+          f"(from v{manifest['lineage']['parent_version']}); INT8 gate top-1 "
+          f"{manifest['metrics']['int8_gate']['top1_agreement']:.4f}; worst u8 x s8 pair sum "
+          f"{max(c['worst_pair_sum'] for c in checks.values())} (int16 limit 32767)")
 
 
 def cmd_bench(args) -> int:
@@ -242,13 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bundle", help="bundle keys, signing and verification")
-    p.add_argument("action", choices=("keygen", "sign", "verify", "recalibrate"),
-                   help="recalibrate: derive the decide thresholds again on val and sign the manifest")
-    p.add_argument("bundle", nargs="?", help="bundle directory (sign, verify, recalibrate)")
+    p.add_argument("action", choices=("keygen", "sign", "verify", "recalibrate", "requantize"),
+                   help="recalibrate: derive the decide thresholds again on val and sign the manifest; "
+                        "requantize: make the INT8 graphs again from the bundle's fp32 graphs (7-bit "
+                        "weights, saturation check), as a new version, signed")
+    p.add_argument("bundle", nargs="?", help="bundle directory (sign, verify, recalibrate, requantize)")
+    p.add_argument("--to", help="requantize: where to write the new bundle (default: in place)")
+    p.add_argument("--keep-fp32", nargs="*", help="requantize: ONNX node names or prefixes ending in '/' "
+                                                  "to leave unquantized (as export)")
+    p.add_argument("--calibration-frames", type=positive_int, default=320,
+                   help="requantize: train frames the INT8 calibration sees")
+    p.add_argument("--val-limit", type=positive_int, help="requantize: at most this many val frames")
     p.add_argument("--out", default="keys", help="keygen: where to write the key pair")
-    p.add_argument("--key", help="sign, recalibrate: private key file")
+    p.add_argument("--key", help="sign, recalibrate, requantize: private key file")
     p.add_argument("--key-id", default="hq", help="key id")
-    p.add_argument("--trust", nargs="*", help="verify, recalibrate: trusted public key files "
+    p.add_argument("--trust", nargs="*", help="verify, recalibrate, requantize: trusted public key files "
                                               "(default: models/keys/*.pub)")
     p.add_argument("--installed-version", type=int, help="verify: reject versions not above this")
     p.add_argument("--line", help="verify: reject bundles for another line")

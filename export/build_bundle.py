@@ -27,6 +27,7 @@ from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import decide_stats, quantize, to_onnx, verify
 from models import bundle as bundle_lib
+from models.platform import platform_record
 from models.reward_model import load_model, minilm_dir
 from training.data import elpv
 from training.data.batches import EL_CATALOG, elpv_set, synthetic_set
@@ -111,23 +112,12 @@ def _build_bundle(model, run_dir: Path, out: Path, opts: ExportOptions) -> dict:
     parity = to_onnx.check_parity(model, out, normalize(val.images[golden_idx], spec), ids, mask)
     steps.update()
 
-    # 2. INT8 with the accuracy gate
-    int8 = _quantize(out, spec, tokenizer, catalog, opts)
-    fp32_backend = OnnxBackend(out, int8=False)
-    int8_backend = OnnxBackend(out, int8=True)
-    gate = _int8_gate(fp32_backend, int8_backend, tokenizer, spec, val, catalog, opts, out)
-    steps.update()
-
-    # 3. catalog embeddings, tokenizer, catalog, golden frames
-    np.save(out / "catalog_embeddings.npy", int8_backend.text_features(ids, mask).astype(np.float32))
+    # 2. INT8 with the saturation check and the accuracy gate
+    np.save(out / "catalog_embeddings.npy", OnnxBackend(out, int8=False).text_features(ids, mask).astype(np.float32))
     shutil.copy(minilm_dir() / "tokenizer.json", out / "tokenizer.json")
     shutil.copy(EL_CATALOG, out / "catalog.yaml")
-    golden = _write_golden(out, int8_backend, tokenizer, spec, val, golden_idx, catalog)
-    steps.update()
-
-    # 4. thresholds and OOD statistics from the val split
-    stats = decide_stats.calibrate(int8_backend, tokenizer, spec, val, catalog)
-    steps.update()
+    int8 = _int8_steps(out, spec, tokenizer, catalog, val, golden_idx, opts)
+    steps.update(3)       # 2. INT8, 3. catalog and golden frames, 4. thresholds
 
     # 5. manifest + signature
     manifest = bundle_lib.build_manifest(
@@ -135,11 +125,10 @@ def _build_bundle(model, run_dir: Path, out: Path, opts: ExportOptions) -> dict:
         compatible={"input": input_spec(spec), "opset": to_onnx.OPSET, "onnxruntime": ">=1.18"},
         preprocessing={"image_size": spec.image_size, "mean": spec.mean, "std": spec.std,
                        "max_tokens": spec.max_tokens, "color": "gray", "resize": "INTER_AREA"},
-        thresholds=stats["thresholds"], ood=stats["ood"],
-        lineage=_lineage(run_dir, opts), metrics={"parity_fp32": parity, "int8_gate": gate,
-                                                   "golden_frames": len(golden), **_eval_metrics(run_dir)},
-        extra={"graphs": {"image_encoder": int8["image_encoder"], "scorer": int8["scorer"],
-                          "text_encoder": "text_encoder.onnx"},
+        thresholds=int8.stats["thresholds"], ood=int8.stats["ood"],
+        lineage=_lineage(run_dir, opts), metrics={"parity_fp32": parity, "int8_gate": int8.gate,
+                                                   "golden_frames": len(int8.golden), **_eval_metrics(run_dir)},
+        extra={"graphs": int8.graphs, "quantization": int8.quantization, "exported_on": int8.exported_on,
                "model": {"name": cfg.name, "parameters": model.parameter_count()}})
     bundle_lib.write_manifest(out, manifest)
     if opts.key:
@@ -170,6 +159,57 @@ def recalibrate_bundle(bundle: Path, key: Path, key_id: str, trusted: dict) -> d
     return manifest
 
 
+REQUANTIZED = {"image_encoder.int8.onnx", "scorer.int8.onnx", "golden", "manifest.json", "manifest.sig"}
+
+
+def requantize_bundle(bundle: Path, out: Path, key: Path, key_id: str, trusted: dict,
+                      opts: ExportOptions) -> dict:
+    """A verified bundle's fp32 graphs -> a new version with INT8 graphs made again as export
+    makes them (7-bit weights, the saturation check, the accuracy gate, golden frames of both
+    precisions, thresholds), signed. For bundles whose INT8 graphs predate a quantization fix:
+    no trained run is needed, the fp32 graphs, catalog and tokenizer are kept byte for byte.
+    Built in `<out>.partial` and renamed only when every step passed; `out` may be `bundle`."""
+    bundle, final = Path(bundle), Path(out)
+    old = bundle_lib.verify_bundle(bundle, trusted)
+    bundle_lib.load_private_key(key)          # a bad key fails here, before any work
+    partial = final.with_name(final.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    shutil.copytree(bundle, partial, ignore=lambda d, names: [n for n in names if n in REQUANTIZED
+                                                              and Path(d) == bundle])
+    try:
+        manifest = _requantized_manifest(old, partial, opts)
+        bundle_lib.write_manifest(partial, manifest)
+        bundle_lib.sign_bundle(partial, key, key_id)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    return manifest
+
+
+def _requantized_manifest(old: dict, out: Path, opts: ExportOptions) -> dict:
+    spec = PreprocessSpec.from_dict(old["preprocessing"])
+    tokenizer = TextTokenizer(out / "tokenizer.json", spec.max_tokens)
+    catalog = load_catalog(out / "catalog.yaml")
+    val = elpv_set("val", spec.image_size, limit=opts.val_limit)
+    int8 = _int8_steps(out, spec, tokenizer, catalog, val, _golden_indices(val), opts)
+    version = max(opts.version, int(old["version"]) + 1)
+    lineage = {**old["lineage"], "parent_version": int(old["version"]),
+               "requantized": {"by": "linejudge bundle requantize", "at": bundle_lib.iso_now(),
+                               "from_version": int(old["version"]), "git_commit": _git_commit()}}
+    metrics = {**old["metrics"], "int8_gate": int8.gate, "golden_frames": len(int8.golden)}
+    keep = {k: old[k] for k in ("model",) if k in old}
+    return bundle_lib.build_manifest(
+        out, line=old["line"], version=version, expires_days=opts.expires_days,
+        compatible=old["compatible"], preprocessing=old["preprocessing"],
+        thresholds=int8.stats["thresholds"], ood=int8.stats["ood"], lineage=lineage, metrics=metrics,
+        extra={**keep, "graphs": int8.graphs, "quantization": int8.quantization,
+               "exported_on": int8.exported_on})
+
+
 def input_spec(spec: PreprocessSpec) -> dict:
     return {"image": [1, spec.image_size, spec.image_size], "dtype": "float32",
             "max_tokens": spec.max_tokens}
@@ -194,9 +234,30 @@ def _calibration_feeds(out: Path, spec, tokenizer, catalog, n: int) -> tuple[lis
     return image_feeds, scorer_feeds
 
 
-def _quantize(out: Path, spec, tokenizer, catalog, opts: ExportOptions) -> dict:
+@dataclass(frozen=True)
+class Int8Result:
+    """What the INT8 steps leave for the manifest."""
+    graphs: dict
+    quantization: dict
+    gate: dict
+    golden: list
+    stats: dict
+    exported_on: dict
+
+
+def _int8_steps(out: Path, spec, tokenizer, catalog, val, golden_idx, opts: ExportOptions) -> Int8Result:
+    """fp32 graphs in `out` -> INT8 graphs (checked against int16 saturation), the accuracy
+    gate on val, golden frames recorded with both precisions, thresholds from the INT8 graphs."""
+    graphs, quantization = _quantize(out, spec, tokenizer, catalog, opts)
+    fp32_backend, int8_backend = OnnxBackend(out, int8=False), OnnxBackend(out, int8=True)
+    gate = _int8_gate(fp32_backend, int8_backend, tokenizer, spec, val, catalog, opts, out)
+    golden = _write_golden(out, int8_backend, fp32_backend, tokenizer, spec, val, golden_idx, catalog)
+    stats = decide_stats.calibrate(int8_backend, tokenizer, spec, val, catalog)
+    return Int8Result(graphs, quantization, gate, golden, stats, platform_record(int8_backend.provider))
+
+
+def _quantize(out: Path, spec, tokenizer, catalog, opts: ExportOptions) -> tuple[dict, dict]:
     image_feeds, scorer_feeds = _calibration_feeds(out, spec, tokenizer, catalog, opts.calibration_frames)
-    names = {}
     image, scorer = out / "image_encoder.onnx", out / "scorer.onnx"
     image_names, scorer_names = quantize.node_names(image), quantize.node_names(scorer)
     unmatched = [p for p in opts.keep_fp32 if not quantize.matching_nodes(image_names + scorer_names, [p])]
@@ -205,12 +266,28 @@ def _quantize(out: Path, spec, tokenizer, catalog, opts: ExportOptions) -> dict:
                           f"scorer; give a node name or a prefix ending in '/' such as /blocks.0/")
     image_keep = quantize.stem_nodes(image) + quantize.matching_nodes(image_names, list(opts.keep_fp32))
     scorer_keep = quantize.head_nodes(scorer) + quantize.matching_nodes(scorer_names, list(opts.keep_fp32))
+    graphs, checks = {"text_encoder": "text_encoder.onnx"}, {}
     for stem, feeds, keep, ops in (("image_encoder", image_feeds, image_keep, None),
                                    ("scorer", scorer_feeds, scorer_keep, ["MatMul", "Gemm"])):
         target = out / f"{stem}.int8.onnx"
         quantize.onnx_to_int8(out / f"{stem}.onnx", target, feeds, opts.calibration, keep, ops)
-        names[stem] = target.name
-    return names
+        checks[stem] = _saturation_checked(target)
+        graphs[stem] = target.name
+    return graphs, {"format": quantize.WEIGHT_FORMAT, "calibration": opts.calibration,
+                    "calibration_frames": len(image_feeds), "kept_fp32": list(opts.keep_fp32),
+                    "int16_pair_check": checks}
+
+
+def _saturation_checked(int8_path: Path) -> dict:
+    check = quantize.int16_pair_check(int8_path)
+    if not check["ok"]:
+        worst = ", ".join(f"{row['node']} ({row['worst_pair_sum']})" for row in check["saturating_ops"][:3])
+        raise ExportGateError(
+            f"{int8_path.name}: {len(check['saturating_ops'])} quantized layers can overflow int16 on CPUs "
+            f"without VNNI (worst u8 x s8 pair sums {worst}, limit {check['limit']}); their answers would "
+            f"differ from machine to machine. Quantize with 7-bit weights (reduce_range) or keep those "
+            f"layers fp32 with --keep-fp32")
+    return check
 
 
 def _int8_gate(fp32, int8, tokenizer, spec, val, catalog, opts: ExportOptions, out: Path) -> dict:
@@ -242,16 +319,24 @@ def _int8_gate(fp32, int8, tokenizer, spec, val, catalog, opts: ExportOptions, o
     return gate
 
 
-def _write_golden(out: Path, backend, tokenizer, spec, val, idx, catalog) -> list[dict]:
+def _write_golden(out: Path, int8_backend, fp32_backend, tokenizer, spec, val, idx, catalog) -> list[dict]:
+    """Golden frames with the verdict and rewards of each precision: the appliance checks the
+    INT8 graphs against the first, and its fp32 fallback against the second."""
     golden_dir = out / "golden"
+    if golden_dir.exists():
+        shutil.rmtree(golden_dir)
     golden_dir.mkdir()
-    scores = verify.backend_scores(backend, tokenizer, spec, val.images[idx], catalog.displays)
+    images = val.images[idx]
+    scores = verify.backend_scores(int8_backend, tokenizer, spec, images, catalog.displays)
+    scores_fp32 = verify.backend_scores(fp32_backend, tokenizer, spec, images, catalog.displays)
     rows = []
-    for i, (cell_index, s) in enumerate(zip(idx, scores)):
+    for i, (cell_index, s, s32) in enumerate(zip(idx, scores, scores_fp32)):
         name = f"golden_{i:02d}.png"
         cv2.imwrite(str(golden_dir / name), val.images[cell_index])
         rows.append({"frame": name, "cell": val.ids[cell_index], "verdict": catalog.displays[int(s.argmax())],
-                     "rewards": [round(float(v), 5) for v in s]})
+                     "rewards": [round(float(v), 5) for v in s],
+                     "verdict_fp32": catalog.displays[int(s32.argmax())],
+                     "rewards_fp32": [round(float(v), 5) for v in s32]})
     (golden_dir / "expected.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 

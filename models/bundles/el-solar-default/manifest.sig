@@ -1,4 +1,4 @@
 {
   "key_id": "hq",
-  "signature": "4Z40XcKe/k6T4HM3w5UDTEarNUOf8W28QbBclNvmwnAdI/U5cjhHyzWokt9LaPsMc8hQaevPvJnp7JKZSfk9Cw=="
+  "signature": "haEZfCiTOq2+ZEZr4L4QljRPRwh8JqtlFGrQ8z7Nrh+qI0G1LlwC6+XT575tQy4eSTUy0+E4qYNOU130d5+dBw=="
 }
