@@ -10,6 +10,8 @@ import yaml
 from appliance.decide import OPTIONAL_THRESHOLDS, THRESHOLD_NAMES
 from appliance.errors import ConfigError
 
+GOLDEN_POLICIES = ("fp32", "refuse")     # on_golden_failure (appliance/runtime.open_checked_runtime)
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = ROOT / "models" / "bundles" / "el-solar-default"
 DEFAULT_KEYS = ROOT / "models" / "keys"
@@ -29,6 +31,7 @@ class ApplianceConfig:
     backend: str = "onnxruntime"            # or "tensorrt"
     providers: tuple[str, ...] = ("cpu",)   # e.g. ["tensorrt", "cuda", "cpu"]
     allow_provider_fallback: bool = False
+    on_golden_failure: str = "fp32"         # INT8 graphs fail the golden check: "fp32" graphs (if they pass) or "refuse"
     threads: int | None = None              # encoder threads; None = all cores but one (see scoring_threads)
     thresholds: dict = field(default_factory=dict)   # overrides of the manifest's defaults
     host: str = "127.0.0.1"
@@ -50,6 +53,10 @@ class ApplianceConfig:
             raise ConfigError(f"port {self.port} is not a TCP port")
         if self.backend not in ("onnxruntime", "tensorrt"):
             raise ConfigError(f"backend must be onnxruntime or tensorrt, not {self.backend!r}")
+        if self.on_golden_failure not in GOLDEN_POLICIES:
+            raise ConfigError(f"on_golden_failure must be {' or '.join(GOLDEN_POLICIES)}, not "
+                              f"{self.on_golden_failure!r}: fp32 inspects with the bundle's fp32 graphs when "
+                              "its INT8 graphs fail the golden-set check, refuse stops the appliance")
         self._check_thresholds()
         self._check_storage()
         self._check_types()

@@ -3,6 +3,7 @@ backend and the decide step, with the bundle's thresholds as runtime defaults.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -15,10 +16,24 @@ from appliance.decide import Decision, Thresholds, decide
 from appliance.errors import ModelError
 from appliance.preprocess import PreprocessSpec, TextTokenizer, blank_input, frame_to_input
 from appliance.scoring import open_backend
+from models.platform import cpu_flags, int8_kernel_path
+
+log = logging.getLogger("linejudge.appliance")
 
 
 FREE_TEXT_CACHE = 1024
 BLANK_REWARDS_CACHE = 256     # candidate lists whose blank-frame rewards are kept
+
+# Golden-set tolerance per precision: the largest |reward - recorded reward| over a frame's
+# candidates may be this share of max(1, largest |reward|) (default bundle: rewards up to 3.5).
+# Measured on the default bundle's 8 golden frames, here (AVX2, AVX-512, VNNI) and on an
+# emulated AVX2-only EPYC Rome (qemu-x86_64 -cpu EPYC-Rome), recorded rewards rounded to 1e-5:
+# int8: 0.05. The 7-bit graphs: worst delta 0.0 on both CPUs. The margin covers kernel changes
+#   between onnxruntime releases; the saturating 8-bit graphs showed 3.68 (golden_06) on an
+#   AVX2-only CPU, 20x over it.
+# fp32: 0.01. Worst delta 0.0 here, 1e-5 emulated; ONNX vs torch 5e-6 at export (parity_fp32).
+# fp16 (TensorRT): 0.05, against the fp32 rewards.
+GOLDEN_TOLERANCE = {"int8": 0.05, "fp32": 0.01, "fp16": 0.05}
 
 
 def scoring_threads(configured: int | None) -> int:
@@ -41,14 +56,14 @@ class Judgement:
 class ModelRuntime:
     def __init__(self, bundle_dir: Path, manifest: dict, backend: str = "onnxruntime",
                  providers: tuple[str, ...] = ("cpu",), allow_fallback: bool = False,
-                 thresholds: dict | None = None, threads: int | None = None):
+                 thresholds: dict | None = None, threads: int | None = None, int8: bool = True):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.version = int(manifest["version"])
         self.spec = PreprocessSpec.from_dict(manifest["preprocessing"])
         self.thresholds = Thresholds.from_manifest(manifest.get("thresholds", {}), **(thresholds or {}))
         self.ood = manifest["ood"]
-        self.backend = open_backend(self.bundle_dir, backend, providers, allow_fallback, threads=threads)
+        self.backend = open_backend(self.bundle_dir, backend, providers, allow_fallback, int8=int8, threads=threads)
         self.tokenizer = TextTokenizer(self.bundle_dir / "tokenizer.json", self.spec.max_tokens)
         self.catalog = load_catalog(self.bundle_dir / "catalog.yaml")
         self.catalog_features = np.load(self.bundle_dir / "catalog_embeddings.npy")
@@ -58,10 +73,17 @@ class ModelRuntime:
         self.blank_patches = self.backend.image_features(blank_input(self.spec))
         self._free_text: dict[str, np.ndarray] = {}   # free-text features, bounded cache
         self._blank_rewards: dict[tuple[str, ...], np.ndarray] = {}
+        self.golden: GoldenReport | None = None       # set by open_checked_runtime
 
     @property
     def provider(self) -> str:
         return self.backend.provider
+
+    @property
+    def precision(self) -> str:
+        """What the image encoder and scorer run in: "int8", "fp32" or (TensorRT) "fp16"."""
+        return getattr(self.backend, "precision", None) or ("int8" if getattr(self.backend, "quantized", False)
+                                                            else "fp32")
 
     def text_features(self, texts: list[str]) -> np.ndarray:
         """Catalog texts come from the cache; free text goes through the text encoder."""
@@ -100,29 +122,105 @@ class ModelRuntime:
         return blank
 
     @classmethod
-    def for_config(cls, bundle_dir: Path, manifest: dict, cfg) -> "ModelRuntime":
+    def for_config(cls, bundle_dir: Path, manifest: dict, cfg, int8: bool = True) -> "ModelRuntime":
         """A runtime for a verified bundle with an ApplianceConfig's backend, providers and thresholds."""
         return cls(bundle_dir, manifest, cfg.backend, cfg.providers, cfg.allow_provider_fallback,
-                   cfg.thresholds, scoring_threads(cfg.threads))
+                   cfg.thresholds, scoring_threads(cfg.threads), int8=int8)
 
-    def golden_problem(self) -> str | None:
-        """None when the golden-set check passes, else what failed (for logs, HQ and errors)."""
-        check = self.golden_check()
-        return None if check["ok"] else f"golden-set check failed: {check['failures'][:2]}"
-
-    def golden_check(self, tolerance: float = 0.05) -> dict:
-        """Re-judge the bundle's golden frames; verdicts must match the recorded ones."""
+    def golden_check(self) -> "GoldenReport":
+        """Re-judge the bundle's golden frames and compare with the rewards recorded at export
+        for this precision (INT8 rows: "rewards"; fp32 and fp16: "rewards_fp32" where recorded)."""
         import cv2
         golden_dir = self.bundle_dir / "golden"
         expected = json.loads((golden_dir / "expected.json").read_text())
-        failures = []
+        reference = "" if self.precision == "int8" else "_fp32"
+        tolerance = GOLDEN_TOLERANCE[self.precision]
+        failures, deltas = [], []
         for row in expected:
+            want_verdict = row.get(f"verdict{reference}", row["verdict"])
+            want = np.asarray(row.get(f"rewards{reference}", row["rewards"]))
             frame = cv2.imread(str(golden_dir / row["frame"]), cv2.IMREAD_GRAYSCALE)
             rewards = self.backend.rewards(self.backend.image_features(frame_to_input(frame, self.spec)),
                                            self.catalog_features)[0]
             verdict = self.catalog.displays[int(rewards.argmax())]
-            delta = float(np.abs(rewards - np.asarray(row["rewards"])).max())
-            if verdict != row["verdict"] or delta > tolerance * max(1.0, float(np.abs(rewards).max())):
-                failures.append({"frame": row["frame"], "expected": row["verdict"], "got": verdict,
-                                 "max_reward_delta": delta})
-        return {"frames": len(expected), "failures": failures, "ok": not failures}
+            delta = float(np.abs(rewards - want).max())
+            deltas.append((delta, row["frame"]))
+            if verdict != want_verdict or delta > tolerance * max(1.0, float(np.abs(rewards).max())):
+                failures.append({"frame": row["frame"], "expected": want_verdict, "got": verdict,
+                                 "max_reward_delta": round(delta, 5)})
+        worst_delta, worst_frame = max(deltas, default=(0.0, None))
+        return GoldenReport(self.precision, len(expected), tuple(failures), round(worst_delta, 5),
+                            worst_frame, tolerance)
+
+
+@dataclass(frozen=True)
+class GoldenReport:
+    """The golden-set check of the graphs a runtime runs; `int8_failed` is the failed INT8
+    check when this runtime is the fp32 fallback."""
+    precision: str
+    frames: int
+    failures: tuple[dict, ...]
+    worst_delta: float
+    worst_frame: str | None
+    tolerance: float
+    int8_failed: "GoldenReport | None" = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def fallback(self) -> bool:
+        return self.int8_failed is not None
+
+    def as_dict(self) -> dict:
+        """JSON-ready: /v1/status, the HQ status report, logs."""
+        out = {"ok": self.ok, "precision": self.precision, "frames": self.frames,
+               "failed_frames": [f["frame"] for f in self.failures], "worst_reward_delta": self.worst_delta,
+               "worst_frame": self.worst_frame, "tolerance": self.tolerance, "fallback": self.fallback}
+        if self.int8_failed:
+            out["int8"] = self.int8_failed.as_dict()
+        return out
+
+    def summary(self) -> str:
+        return (f"{self.precision.upper()} golden check: {len(self.failures)} of {self.frames} frames off, "
+                f"worst reward delta {self.worst_delta:.2f} on {self.worst_frame}")
+
+
+def open_checked_runtime(bundle_dir: Path, manifest: dict, cfg) -> ModelRuntime:
+    """The runtime the appliance may judge with: the bundle's graphs (INT8 where it has them)
+    when they pass the golden-set check. When the INT8 graphs fail it and the fp32 graphs pass,
+    cfg.on_golden_failure decides: "fp32" runs the fp32 graphs (logged as a warning; the
+    report says fallback), "refuse" raises. Raises ModelError whenever no graphs pass, with
+    the cause and what to do. runtime.golden holds the report."""
+    runtime = ModelRuntime.for_config(bundle_dir, manifest, cfg)
+    report = runtime.golden_check()
+    if report.ok:
+        runtime.golden = report
+        return runtime
+    if runtime.precision != "int8" or cfg.backend != "onnxruntime":
+        raise ModelError(f"bundle {bundle_dir}: golden-set check failed: {report.summary()} (tolerance "
+                         f"{report.tolerance:g}); "
+                         f"failed: {list(report.failures[:2])}. The bundle does not match its golden set "
+                         "on this machine: install another bundle, or re-export this one")
+    fp32 = ModelRuntime.for_config(bundle_dir, manifest, cfg, int8=False)
+    fp32_report = fp32.golden_check()
+    cause = _int8_cause(bundle_dir, report)
+    if not fp32_report.ok:
+        raise ModelError(f"{cause}; the fp32 graphs fail too ({fp32_report.summary()}): the bundle does not "
+                         "run correctly on this machine; install another bundle")
+    if cfg.on_golden_failure == "refuse":
+        raise ModelError(f"{cause}; the fp32 graphs pass. Set on_golden_failure: fp32 in the appliance config "
+                         f"to inspect with them (slower), or re-export the bundle with `linejudge bundle "
+                         f"requantize {bundle_dir} --to DIR --key KEY`")
+    log.warning("%s; inspecting with the fp32 graphs instead (on_golden_failure: fp32): slower, same "
+                "answers as at export. Re-export the bundle with `linejudge bundle requantize`", cause)
+    fp32.golden = GoldenReport(**{**vars(fp32_report), "int8_failed": report})
+    return fp32
+
+
+def _int8_cause(bundle_dir: Path, report: GoldenReport) -> str:
+    return (f"bundle {bundle_dir}: golden-set check failed: INT8 results differ on this CPU, whose INT8 kernel path is "
+            f"{int8_kernel_path(cpu_flags())}: worst reward delta "
+            f"{report.worst_delta:.2f} on {report.worst_frame}, {len(report.failures)} of {report.frames} "
+            f"golden frames off (tolerance {report.tolerance:g})")

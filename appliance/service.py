@@ -28,9 +28,10 @@ from appliance import metrics, models_install
 from appliance.capture import LatestFrameGrabber, open_source
 from appliance.config import ApplianceConfig
 from appliance.errors import BadExplanation, BadFrame, CaptureError, ModelError, TrialInconclusive
-from appliance.runtime import Judgement, ModelRuntime
+from appliance.runtime import Judgement, ModelRuntime, open_checked_runtime
 from appliance.store import PRUNE_BATCH, Store
 from appliance.sync import sync_once
+from models.platform import platform_record
 
 log = logging.getLogger("linejudge.appliance")
 
@@ -135,23 +136,23 @@ class Appliance:
         bundle = models_install.active_bundle(self.cfg.bundles_dir, self.cfg.bundle)
         manifest = models_install.verify(bundle, self.cfg.key_files(), line=self.cfg.line)
         runtime = self._open_runtime(bundle, manifest)
-        problem = runtime.golden_problem()
-        if problem:
-            raise ModelError(f"bundle {bundle}: {problem}")
-        self.store.record_model(runtime.version, "active", f"started from {bundle}")
-        metrics.MODEL_VERSION.set(runtime.version)
-        log.info("model v%s loaded from %s on %s", runtime.version, bundle, runtime.provider)
+        note = f"started from {bundle}" + (" on its fp32 graphs (INT8 failed the golden check)"
+                                           if runtime.golden.fallback else "")
+        self.store.record_model(runtime.version, "active", note)
+        metrics.model_loaded(runtime)
+        log.info("model v%s loaded from %s on %s (%s)", runtime.version, bundle, runtime.provider, runtime.precision)
         return runtime
 
     def _open_runtime(self, bundle: Path, manifest: dict) -> ModelRuntime:
-        """A runtime for a verified bundle, with this appliance's backend, providers and thresholds."""
-        return ModelRuntime.for_config(bundle, manifest, self.cfg)
+        """A golden-checked runtime for a verified bundle, with this appliance's config (its
+        backend, providers, thresholds and on_golden_failure policy); ModelError if refused."""
+        return open_checked_runtime(bundle, manifest, self.cfg)
 
     def swap_model(self, runtime: ModelRuntime) -> None:
         """Hot swap: the next frame is judged by the new model; no frame is dropped."""
         with self._lock:
             self.runtime = runtime
-        metrics.MODEL_VERSION.set(runtime.version)
+        metrics.model_loaded(runtime)
 
     def hot_swap(self, staged: Path, manifest: dict) -> tuple[bool, str]:
         """sync_once's swap in the running service: load the staged (verified) bundle, run its
@@ -161,10 +162,10 @@ class Appliance:
         with self._swap_lock:
             if self._stop.is_set():
                 raise _Stopping("the appliance is stopping")
-            candidate = self._open_runtime(staged, manifest)
-            problem = candidate.golden_problem()
-            if problem:
-                return False, problem
+            try:
+                candidate = self._open_runtime(staged, manifest)
+            except ModelError as exc:
+                return False, str(exc)
             old, trial = self.runtime, SwapTrial(candidate, self.cfg.commit_after_inspections)
             with self._lock:
                 self._trial = trial
@@ -339,7 +340,7 @@ class Appliance:
         while not self._stop.wait(delay):
             try:
                 self.last_sync = sync_once(self.cfg, self.store, swap=self.hot_swap,
-                                           sleep=self._sleep_unless_stopping)
+                                           sleep=self._sleep_unless_stopping, report=self.runtime_report)
                 _log_sync(self.last_sync)
             except _Stopping as exc:
                 log.info("sync pass ended: %s; an offered bundle is tried again on the next start", exc)
@@ -360,11 +361,19 @@ class Appliance:
         path = Path(frame_path)
         return path if path.is_absolute() else self.cfg.frames_dir / path
 
+    def runtime_report(self) -> dict:
+        """What the model runs on here: the precision, its golden-set check and the platform
+        record. In /v1/status, the Status screen and the status report to HQ."""
+        runtime = self.runtime
+        return {"precision": runtime.precision, "golden": runtime.golden.as_dict() if runtime.golden else None,
+                "platform": platform_record(runtime.provider)}
+
     def status(self) -> dict:
         stats = self.store.stats()
         usage = _disk_usage(Path(self.cfg.state_dir))
-        return {"model_version": self.runtime.version, "provider": self.runtime.provider,
-                "quantized": getattr(self.runtime.backend, "quantized", None),
+        runtime = self.runtime
+        return {"model_version": runtime.version, "provider": runtime.provider,
+                "quantized": getattr(runtime.backend, "quantized", None), **self.runtime_report(),
                 "fps": round(self.live.fps, 2),
                 "latency_ms": round(self.live.judgement.latency_ms, 1) if self.live.judgement else None,
                 "dropped_frames": self._grabber.dropped if self._grabber else 0,

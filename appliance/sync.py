@@ -46,6 +46,7 @@ from cryptography.exceptions import InvalidSignature
 from appliance import models_install
 from appliance.errors import LinejudgeError, ModelError, SyncError, TrialInconclusive
 from models import bundle as lib
+from models.platform import platform_record
 
 log = logging.getLogger("linejudge.sync")
 
@@ -450,20 +451,24 @@ def golden_check_swap(cfg) -> Swap:
     the staged bundle in this process and run its golden-set check. The appliance service
     picks up `current` on its next start."""
     def swap(staged: Path, manifest: dict) -> tuple[bool, str]:
-        from appliance.runtime import ModelRuntime
-        problem = ModelRuntime.for_config(staged, manifest, cfg).golden_problem()
-        return problem is None, problem or ""
+        from appliance.runtime import open_checked_runtime
+        try:
+            open_checked_runtime(staged, manifest, cfg)
+        except ModelError as exc:
+            return False, str(exc)
+        return True, ""
     return swap
 
 
 # ---------------------------------------------------------------- (c) status
 
-def _report_status(s: _Session, cfg, store, appliance_id: str, result: dict) -> None:
+def _report_status(s: _Session, cfg, store, appliance_id: str, result: dict, report=None) -> None:
     stats = store.stats()
     model = result["model"]
     body = {"line": cfg.line, "station": cfg.station, "model_version": installed_version(cfg, store),
             "flag_rate": stats["flag_rate"], "backlog": stats["outbox_unsent"],
-            "inspections": stats["inspections"], "sync": {"sent": result["sent"], "errors": result["errors"][:5]}}
+            "inspections": stats["inspections"], "sync": {"sent": result["sent"], "errors": result["errors"][:5]},
+            **(report() if report else {"platform": platform_record()})}
     if model.get("action") in ("installed", "rejected", "refused", "deferred"):
         body["install"] = {"version": model.get("offered"), "reason": model.get("reason", ""),
                            "state": {"installed": "active"}.get(model["action"], model["action"])}
@@ -527,11 +532,13 @@ def sync_once(cfg, store, *, client: httpx.Client | None = None, swap: Swap | No
               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
               rng: random.Random | None = None, policy: RetryPolicy = RetryPolicy(),
               timeout: httpx.Timeout = DEFAULT_TIMEOUT, retry_rejected: bool = False,
-              update_model: bool = True) -> dict:
+              update_model: bool = True, report: Callable[[], dict] | None = None) -> dict:
     """One pass: outbox -> HQ, newer bundle -> install via swap, status -> HQ. Never raises.
 
     swap(staged_dir, manifest) -> (ok, reason) is supplied by the running appliance (load the
     new runtime, golden-set check, hot swap); without it golden_check_swap(cfg) is used.
+    report() -> the running model's precision, golden-set check and platform, sent with the
+    status (without it, the status carries this machine's platform record only).
     """
     started = time.monotonic()
     result = {"ok": False, "sent": 0, "pending": None, "frames_uploaded": 0, "refused_records": [],
@@ -561,7 +568,7 @@ def sync_once(cfg, store, *, client: httpx.Client | None = None, swap: Swap | No
                 if result["model"]["action"] == "not checked":
                     result["model"].update(action="error", reason=result["errors"][-1] if result["errors"] else "")
             if go and ident["id"]:
-                _run_phase("status", lambda: _report_status(s, cfg, store, ident["id"], result), result)
+                _run_phase("status", lambda: _report_status(s, cfg, store, ident["id"], result, report), result)
             result.update(requests=s.requests, failures=s.failures, slept_s=round(s.slept, 3))
     except Exception as exc:  # token, lock or anything before the phases
         result["errors"].append(f"{type(exc).__name__}: {exc}" if not isinstance(exc, SyncError) else str(exc))

@@ -39,20 +39,48 @@ def _stored_frame(appliance, row: dict) -> np.ndarray | None:
     return _rgb(frame)
 
 
+def model_banner(appliance) -> str:
+    """A warning line while the model runs in a degraded mode, else empty."""
+    golden = appliance.runtime.golden
+    if golden is None or not golden.fallback:
+        return ""
+    return ("**Backup model in use**: slower, answers checked. Please tell the engineer "
+            "(details on the Status page).")
+
+
 def live_view(appliance):
     live = appliance.live
+    banner = model_banner(appliance)
     if live.judgement is None:
-        return None, "Waiting for the first part ...", [], ""
+        return None, "Waiting for the first part ...", [], banner
     d = live.judgement.decision
     verdict = f"#{live.inspection_id}  {d.verdict}  (confidence {d.p_best:.0%})"
     flag = ("FLAGGED for review: " + "; ".join(d.reasons)) if d.flagged else "OK - no review needed"
     ranking = [[text, round(score, 3)] for text, score in d.ranking]
-    return _rgb(live.frame), verdict, ranking, f"{flag}  |  {live.fps:.1f} frames/s"
+    return _rgb(live.frame), verdict, ranking, "\n\n".join(filter(None, [banner, f"{flag}  |  {live.fps:.1f} frames/s"]))
+
+
+def _golden_line(golden: dict | None) -> str:
+    if not golden:
+        return "**Golden check** not run"
+    if golden["fallback"]:
+        int8 = golden["int8"]
+        return (f"**Golden check** INT8 FAILED on this CPU (worst reward delta {int8['worst_reward_delta']:.2f} "
+                f"on {int8['worst_frame']}, {len(int8['failed_frames'])} of {int8['frames']} frames): running "
+                f"the fp32 graphs, which pass (worst delta {golden['worst_reward_delta']:.4f}). Re-export the "
+                "bundle with `linejudge bundle requantize`, or set on_golden_failure: refuse to stop instead")
+    return (f"**Golden check** passed, {golden['precision'].upper()}: {golden['frames']} frames, worst reward "
+            f"delta {golden['worst_reward_delta']:.4f}")
 
 
 def status_view(appliance) -> str:
     s = appliance.status()
-    lines = [f"**Model** v{s['model_version']} on {s['provider']}",
+    p = s["platform"]
+    lines = [model_banner(appliance),
+             f"**Model** v{s['model_version']} on {s['provider']}, {s['precision'].upper()}",
+             _golden_line(s["golden"]),
+             f"**Computer** {p['cpu']} ({p['machine']}; {' '.join(p['isa']) or 'no AVX2/AVX-512/NEON'}; "
+             f"INT8 path: {p['int8_kernel_path']}), onnxruntime {p['onnxruntime']}",
              f"**Speed** {s['fps']} frames/s, last judgement {s['latency_ms']} ms",
              f"**Inspections** {s.get('inspections', 0)}, flagged {s.get('flagged', 0)} "
              f"({s.get('flag_rate', 0):.0%}), waiting for review {s.get('review_queue', 0)}",
@@ -60,7 +88,7 @@ def status_view(appliance) -> str:
              f"**Disk** {s['disk_free_mb']} MB free, dropped frames {s['dropped_frames']}"]
     if s.get("alarm"):
         lines.append(f"**ALARM** {s['alarm']}")
-    return "\n\n".join(lines)
+    return "\n\n".join(filter(None, lines))
 
 
 def next_review(appliance):

@@ -40,7 +40,7 @@ def test_default_bundle_passes_its_golden_check(manifest):
     from appliance.runtime import ModelRuntime
     runtime = ModelRuntime(DEFAULT_BUNDLE, manifest, threads=2)
     check = runtime.golden_check()
-    assert check["ok"], check["failures"][:3]
+    assert check.ok and check.precision == "int8", check.failures[:3]
 
 
 def test_possible_defect_flags_use_the_catalog_facts_and_a_config_threshold(manifest):

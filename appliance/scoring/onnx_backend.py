@@ -68,6 +68,7 @@ class OnnxBackend:
         if self.provider != wanted[0][0] and not allow_fallback:
             raise ModelError(f"asked for {wanted[0][0]} but ONNX Runtime runs {self.provider}")
         self.quantized = int8 and graph_path(self.bundle_dir, "image_encoder", True).name.endswith(INT8_SUFFIX)
+        self.precision = "int8" if self.quantized else "fp32"
 
     def image_features(self, image: np.ndarray) -> np.ndarray:
         return self.sessions["image_encoder"].run(None, {"image": image.astype(np.float32, copy=False)})[0]

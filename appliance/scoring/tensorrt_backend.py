@@ -40,7 +40,7 @@ class TensorRTBackend:
         self.contexts = {k: e.create_execution_context() for k, e in self.engines.items()}
         self.stream = _check(cudart.cudaStreamCreate())
         self.provider = f"TensorRT {trt.__version__} ({precision})"
-        self.quantized = precision == "int8"
+        self.quantized, self.precision = precision == "int8", precision
 
     def _run(self, stem: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         trt, cudart = self._trt, self._cudart

@@ -39,8 +39,8 @@ def resign(bundle: Path, private_key: Path, version: int) -> Path:
 
 def next_version(tiny_bundle, out: Path, *, break_golden: bool = False) -> Path:
     """The tiny bundle as version 2, signed with the tiny bundle's key (the appliance trusts it).
-    break_golden: the recorded golden rewards are shifted, so the golden-set check fails while
-    the signature is valid."""
+    break_golden: the recorded golden rewards (INT8 and fp32) are shifted, so the golden-set
+    check fails for both precisions while the signature is valid."""
     source, public, _ = tiny_bundle
     bundle = out / "el-solar-v2"
     shutil.copytree(source, bundle)
@@ -48,7 +48,8 @@ def next_version(tiny_bundle, out: Path, *, break_golden: bool = False) -> Path:
         expected_file = bundle / "golden" / "expected.json"
         expected = json.loads(expected_file.read_text())
         for row in expected:
-            row["rewards"] = [r + 10.0 for r in row["rewards"]]
+            for key in ("rewards", "rewards_fp32"):
+                row[key] = [r + 10.0 for r in row[key]]
         expected_file.write_text(json.dumps(expected))
     return resign(bundle, public.with_suffix(".key"), version=2)
 
@@ -328,3 +329,66 @@ def test_saved_frames_are_pruned_while_the_appliance_runs(make_appliance, monkey
     app.start()
     pruned = "SELECT count(*) AS n FROM inspections WHERE frame_path IS NULL"   # saved, then expired
     wait_for(lambda: app.store._query(pruned)[0]["n"] > 0, what="expired frames pruned")
+
+
+# ---------------------------------------------------------------- INT8 golden-check failure
+
+@pytest.fixture(scope="module")
+def v1_int8_off(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle (v1) whose INT8 graphs disagree with their golden set, as the 8-bit
+    default bundle's did on an AVX2-only CPU (worst delta 3.68); its fp32 rewards are right."""
+    source, public, _ = tiny_bundle
+    bundle = tmp_path_factory.mktemp("int8-off") / "el-solar-v1"
+    shutil.copytree(source, bundle)
+    expected_file = bundle / "golden" / "expected.json"
+    expected = json.loads(expected_file.read_text())
+    for row in expected:
+        row["rewards"] = [r + 3.68 for r in row["rewards"]]
+    expected_file.write_text(json.dumps(expected))
+    return resign(bundle, public.with_suffix(".key"), version=1)
+
+
+def test_int8_golden_failure_starts_on_fp32_and_says_so_everywhere(make_appliance, hq_server, v1_int8_off):
+    from appliance import metrics, ui
+    state, _, _ = hq_server
+    app = make_appliance(bundle=str(v1_int8_off))        # default policy: on_golden_failure: fp32
+    assert app.runtime.precision == "fp32" and not app.runtime.backend.quantized
+    status = app.status()
+    golden = status["golden"]
+    assert golden["ok"] and golden["fallback"] and golden["precision"] == "fp32"
+    assert not golden["int8"]["ok"] and golden["int8"]["worst_reward_delta"] == pytest.approx(3.68, abs=0.01)
+    assert status["platform"]["provider"] == "CPUExecutionProvider" and "isa" in status["platform"]
+    exposition = metrics.render().decode()
+    assert "linejudge_golden_fp32_fallback 1.0" in exposition
+    assert 'linejudge_platform_info{' in exposition and 'precision="fp32"' in exposition
+    assert "Backup model in use" in ui.live_view(app)[3] and "INT8 FAILED" in ui.status_view(app)
+    assert "fp32 graphs" in app.store.model_states()[0]["reason"]
+    app.start()
+    wait_for(lambda: app.last_sync and app.last_sync["status_reported"], what="a status report to HQ")
+    assert inspected(app) > 0                              # the line is inspected, on fp32
+    entry = fleet_entry(state)
+    assert entry["precision"] == "fp32" and entry["golden"]["fallback"] is True
+    assert entry["golden"]["int8"]["worst_frame"].startswith("golden_")
+    assert entry["platform"]["isa"] == status["platform"]["isa"]
+
+
+def test_int8_golden_failure_refuses_with_the_cause_under_refuse(make_appliance, v1_int8_off):
+    from appliance.errors import ModelError
+    with pytest.raises(ModelError) as refused:
+        make_appliance(bundle=str(v1_int8_off), on_golden_failure="refuse")
+    message = str(refused.value)
+    assert "INT8 results differ on this CPU" in message and "worst reward delta 3.68" in message
+    assert "the fp32 graphs pass" in message and "on_golden_failure: fp32" in message
+    assert "linejudge bundle requantize" in message
+
+
+def test_a_bundle_whose_fp32_graphs_fail_too_is_refused_under_the_default(make_appliance, v2_bad_golden):
+    from appliance.errors import ModelError
+    with pytest.raises(ModelError, match="the fp32 graphs fail too"):
+        make_appliance(bundle=str(v2_bad_golden))
+
+
+def test_on_golden_failure_accepts_only_its_two_policies():
+    assert config_from_dict({}).on_golden_failure == "fp32"
+    with pytest.raises(ConfigError, match="on_golden_failure must be fp32 or refuse"):
+        config_from_dict({"on_golden_failure": "ignore"})

@@ -126,14 +126,20 @@ def test_fleet_needs_the_admin_token(env):
     assert c.get("/v1/fleet").status_code == 401
     assert c.get("/v1/fleet", headers=auth("wrong")).status_code == 401
     assert c.get("/v1/fleet", headers=auth(tok["a1"])).status_code == 403
+    golden = {"ok": True, "precision": "fp32", "fallback": True, "worst_reward_delta": 0.0001,
+              "int8": {"ok": False, "worst_reward_delta": 3.68, "worst_frame": "golden_06.png"}}
+    platform = {"cpu": "AMD EPYC 7B12", "isa": ["avx2"], "vnni": False, "onnxruntime": "1.32.0"}
     status = {"model_version": 2, "flag_rate": 0.125, "backlog": 7, "inspections": 40,
-              "install": {"version": 2, "state": "active", "reason": ""}}
+              "install": {"version": 2, "state": "active", "reason": ""}, "precision": "fp32",
+              "golden": golden, "platform": platform}
     assert c.post("/v1/appliances/a1/status", json=status, headers=auth(tok["a1"])).status_code == 200
     assert c.post("/v1/appliances/a1/status", json={"backlog": "many"}, headers=auth(tok["a1"])).status_code == 400
+    assert c.post("/v1/appliances/a1/status", json={"golden": "bad"}, headers=auth(tok["a1"])).status_code == 400
     body = c.get("/v1/fleet", headers=auth(ADMIN)).json()
     a1 = next(a for a in body["appliances"] if a["appliance_id"] == "a1")
     assert (a1["model_version"], a1["flag_rate"], a1["backlog"], a1["inspections"]) == (2, 0.125, 7, 40)
     assert a1["last_seen"] and a1["last_install"]["state"] == "active"
+    assert (a1["precision"], a1["golden"], a1["platform"]) == ("fp32", golden, platform)   # which boxes disagree
     assert body["latest_bundles"] == {LINE: 2}
 
 

@@ -4,7 +4,8 @@
     HEAD|PUT /v1/frames/{sha256}        frames, content-addressed
     GET  /v1/lines/{line}/manifest      the latest published manifest.json (+ X-Bundle-Version)
     GET  /v1/lines/{line}/bundles/{version}/{path}   bundle files, HTTP Range supported
-    POST /v1/appliances/{id}/status     model version, flag rate, backlog, install result
+    POST /v1/appliances/{id}/status     model version, flag rate, backlog, install result,
+                                        precision, golden-set check, platform (CPU, ISA, onnxruntime)
     GET  /v1/whoami                     the appliance a token belongs to
     GET  /v1/fleet                      per-appliance overview (admin token)
     GET  /healthz                       no auth
@@ -255,9 +256,12 @@ def feedback_records(state: HQState | Path, kind: str | None = None, since_id: i
 def fleet(state: HQState | Path) -> list[dict]:
     with init_state(state).db.connect() as db:
         rows = list(db.query("SELECT appliance_id, created, last_seen, model_version, flag_rate, backlog, "
-                             "inspections, last_install FROM appliances ORDER BY appliance_id"))
+                             "inspections, last_install, last_status FROM appliances ORDER BY appliance_id"))
     for row in rows:
         row["last_install"] = json.loads(row["last_install"]) if row["last_install"] else None
+        status = json.loads(row.pop("last_status") or "{}")
+        # Which boxes disagree with their golden set, and on what CPU: as the appliance reported.
+        row.update(precision=status.get("precision"), golden=status.get("golden"), platform=status.get("platform"))
     return rows
 
 
@@ -363,9 +367,10 @@ def _store_status(hq: HQState, appliance_id: str, status: dict) -> None:
     flag_rate = _as(status.get("flag_rate"), (int, float), "flag_rate")
     backlog = _as(status.get("backlog"), int, "backlog")
     inspections = _as(status.get("inspections"), int, "inspections")
+    for name in ("install", "golden", "platform"):
+        if status.get(name) is not None and not isinstance(status[name], dict):
+            _bad(400, f"status field {name} must be an object")
     install = status.get("install")
-    if install is not None and not isinstance(install, dict):
-        _bad(400, "status field install must be an object")
     now = _now()
     with hq.db.connect() as db, db.write():
         db.execute("UPDATE appliances SET last_seen = ?, model_version = coalesce(?, model_version), "
