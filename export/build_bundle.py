@@ -159,6 +159,12 @@ def recalibrate_bundle(bundle: Path, key: Path, key_id: str, trusted: dict) -> d
     return manifest
 
 
+def export_with_settings(run_dir: Path, out: Path, settings: dict) -> dict:
+    """checkpoint_to_bundle with ExportOptions given as a dict: the exporter HQ's fleet retrain
+    (training/hq/retrain.py) is handed by its caller."""
+    return checkpoint_to_bundle(run_dir, out, ExportOptions(**settings))
+
+
 REQUANTIZED = {"image_encoder.int8.onnx", "scorer.int8.onnx", "golden", "manifest.json", "manifest.sig"}
 
 

@@ -91,6 +91,11 @@ class MalformedManifest(BundleError):
 
 # ---------------------------------------------------------------- keys
 
+def is_bundle(path) -> bool:
+    """A directory with a manifest: a bundle (as opposed to a training run)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
 def generate_keypair(out_dir: Path, key_id: str) -> tuple[Path, Path]:
     """Write ``<key_id>.key`` (PEM PKCS#8, mode 0600) and ``<key_id>.pub`` (PEM) to out_dir."""
     if not key_id or "/" in key_id or "\\" in key_id or key_id.startswith("."):

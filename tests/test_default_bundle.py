@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_bundle_verifies_with_the_cli():
-    done = subprocess.run([sys.executable, "-m", "appliance.cli", "bundle", "verify", str(DEFAULT_BUNDLE)],
+    done = subprocess.run([sys.executable, "-m", "linejudge_cli", "bundle", "verify", str(DEFAULT_BUNDLE)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr + done.stdout
     assert done.stdout.startswith("OK: el-solar v")

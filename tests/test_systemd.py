@@ -67,7 +67,7 @@ def test_appliance_service_is_hardened_and_watched():
 def test_exec_start_is_a_valid_linejudge_command(unit):
     """The units call `linejudge ...` with arguments our own parser accepts (no stale flags)."""
     import shlex
-    from appliance.cli import build_parser
+    from linejudge_cli import build_parser
     (exec_start,) = _directives(unit)["ExecStart"]
     argv = shlex.split(exec_start)
     assert argv[0].endswith("/linejudge"), exec_start

@@ -122,12 +122,8 @@ def evaluate(model_dir: Path, split: str, limit: int | None = None, seed: int = 
 
 def evaluate_cli(args) -> int:
     from training.report import write_report
-    from training.evaluate_bundle import is_bundle
     out = Path(args.json)
-    precision = getattr(args, "precision", None)
-    if is_bundle(args.model):       # the exported graphs: JSON only, INT8 beside fp32
-        return _bundle_cli(args, out, precision or "both")
-    if precision:
+    if getattr(args, "precision", None):
         raise ConfigError(f"--precision is for bundles (int8 or fp32 graphs); {args.model} is a trained "
                           f"model, evaluated in fp32 torch: leave --precision out")
     metrics, extras = evaluate(Path(args.model), args.split, args.limit)
@@ -140,26 +136,4 @@ def evaluate_cli(args) -> int:
     for k in keys:
         print(f"{k:28s} {metrics[k]:.4f}")
     print(f"metrics -> {out}\nreport  -> {report}")
-    return 0
-
-
-def _bundle_cli(args, out: Path, precision: str) -> int:
-    from training.evaluate_bundle import HEADLINE, OPERATOR_KEYS, evaluate_bundle
-    metrics = evaluate_bundle(Path(args.model), args.split, args.limit, precision=precision)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-    flat = metrics["precision"]
-    for k in HEADLINE:
-        if precision == "both":
-            print(f"{k:28s} int8 {metrics[k]:.4f}  fp32 {metrics['fp32_' + k]:.4f}  "
-                  f"drop {metrics['int8_drop_points_' + k]:+.2f} points")
-        else:
-            print(f"{k:28s} {flat} {metrics[k]:.4f}")
-    if precision == "both":
-        agree = metrics["int8_vs_fp32"]
-        print(f"{'int8_vs_fp32 top1_agreement':28s} {agree['top1_agreement']:.4f} (catalog), "
-              f"{agree['synthetic_top1_agreement']:.4f} (synthetic sets)")
-    for k in OPERATOR_KEYS:
-        print(f"{k:28s} {flat} {metrics[k]:.4f}" if metrics[k] is not None else f"{k:28s} {flat} -")
-    print(f"metrics -> {out}")
     return 0

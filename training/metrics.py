@@ -1,5 +1,5 @@
 """The evaluation metrics, shared by the checkpoint eval (`training/evaluate.py`, torch) and the
-bundle eval (`training/evaluate_bundle.py`, the exported graphs through a ScoringBackend).
+bundle eval (`export/evaluate_bundle.py`, the exported graphs through a ScoringBackend).
 
 Nothing here knows what produced the rewards: ELPV figures take (N, K) catalog rewards, and the
 candidate-set figures take a `score_sets` callable, so torch and ONNX are judged by one code

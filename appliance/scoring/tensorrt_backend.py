@@ -1,5 +1,5 @@
 """Native TensorRT backend (NVIDIA GPUs, Jetson): engines built on this device by
-`export.to_engine` and cached by GPU, TensorRT version, model hash, precision and profile.
+`appliance/scoring/tensorrt_engine.py` and cached by GPU, TensorRT version, model hash, precision and profile.
 
 Uses the TensorRT 10 tensor API (set_input_shape / set_tensor_address / execute_async_v3)
 and cuda-python for device memory. Buffers are allocated per call (simple and correct;
@@ -29,7 +29,7 @@ class TensorRTBackend:
             from cuda.bindings import runtime as cudart
         except ImportError as exc:
             raise ModelError(f"the tensorrt backend needs the gpu extra (tensorrt, cuda-python): {exc}") from None
-        from export.to_engine import bundle_to_engines
+        from appliance.scoring.tensorrt_engine import bundle_to_engines
         self._trt, self._cudart = trt, cudart
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)

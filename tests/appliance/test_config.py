@@ -54,7 +54,7 @@ def test_the_shipped_example_config_loads():
 
 
 def test_the_sync_command_refuses_while_the_service_syncs_by_itself(tmp_path, capsys):
-    from appliance.cli import main
+    from linejudge_cli import main
     config = tmp_path / "appliance.yaml"
     config.write_text(f"state_dir: {tmp_path / 'state'}\nhq_url: http://hq.invalid\nsync_interval_s: 300\n")
     assert main(["sync", "--config", str(config)]) == 2

@@ -61,7 +61,7 @@ def test_export_of_an_untrained_run_is_a_clear_error(tmp_path):
 
 def test_bundle_eval_matches_the_torch_eval_in_fp32_and_reports_the_int8_drop(tiny_run, tiny_bundle):
     from training.evaluate import evaluate
-    from training.evaluate_bundle import HEADLINE, evaluate_bundle
+    from export.evaluate_bundle import HEADLINE, evaluate_bundle
     torch_metrics, _ = evaluate(tiny_run[0], "val", limit=24)
     graphs = evaluate_bundle(tiny_bundle[0], "val", limit=24)
     for key in ("elpv_binary_accuracy", "elpv_level_accuracy", "pairwise_accuracy"):
@@ -79,7 +79,7 @@ def test_escapes_are_the_misses_that_no_flag_catches(tiny_bundle):
     from appliance.preprocess import PreprocessSpec, TextTokenizer
     from export.decide_stats import catalog_outputs
     from training.data.batches import elpv_set
-    from training.evaluate_bundle import operator_metrics
+    from export.evaluate_bundle import operator_metrics
     out, _, manifest = tiny_bundle
     spec = PreprocessSpec.from_dict(manifest["preprocessing"])
     data = elpv_set("val", spec.image_size, limit=24)

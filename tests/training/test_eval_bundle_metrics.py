@@ -18,7 +18,7 @@ SHARED = ("image_swap_accuracy", "heldout_phrasing_accuracy", "seen_phrasing_acc
 
 @pytest.fixture(scope="module")
 def both(tiny_bundle):
-    from training.evaluate_bundle import evaluate_bundle
+    from export.evaluate_bundle import evaluate_bundle
     return evaluate_bundle(tiny_bundle[0], "val", limit=LIMIT)
 
 
@@ -50,7 +50,7 @@ def test_bundle_eval_compares_int8_with_fp32_and_records_the_platform(both):
 
 @pytest.mark.parametrize("precision, prefix", [("int8", ""), ("fp32", "fp32_")])
 def test_one_precision_alone_gives_that_precisions_figures_as_flat_keys(tiny_bundle, both, precision, prefix):
-    from training.evaluate_bundle import evaluate_bundle
+    from export.evaluate_bundle import evaluate_bundle
     alone = evaluate_bundle(tiny_bundle[0], "val", limit=LIMIT, precision=precision)
     assert alone["precision"] == precision
     assert not any(k.startswith(("fp32_", "int8_drop_points_")) for k in alone) and "int8_vs_fp32" not in alone
@@ -82,7 +82,7 @@ def test_precision_is_refused_for_a_checkpoint(tiny_run, tmp_path):
 def test_the_bundle_eval_needs_neither_torch_nor_the_checkpoint_eval():
     """The shared metrics live in training/metrics.py: the bundle eval imports no torch and not
     training.evaluate (the two modules no longer import each other)."""
-    code = ("import sys, training.evaluate_bundle; "
+    code = ("import sys, export.evaluate_bundle; "
             "print('torch' in sys.modules, 'training.evaluate' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.stdout.split() == ["False", "False"], result.stderr[-2000:]

@@ -25,6 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,6 +49,11 @@ FLEET_INPUTS = "fleet_inputs.json"
 
 class RetrainError(LinejudgeError):
     """Fleet retraining cannot run or did not pass its gate."""
+
+
+# (run_dir, bundle_dir, export settings) -> the signed bundle in bundle_dir. Supplied by the
+# caller (export/ stands above training/): export.build_bundle.export_with_settings.
+ExportBundle = Callable[[Path, Path, dict], object]
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,7 @@ def _recorded_pairs(out: Path, previous: dict | None, now: dict, pairs: list[dic
     return ([by_key[k] for k in previous["feedback_ids"]], [by_key[k] for k in previous["heldout_feedback_ids"]])
 
 
-def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
+def retrain(cfg: TrainConfig, opts: RetrainOptions, export_bundle: ExportBundle | None = None) -> dict:
     """Run every step; returns the report (also written to out/retrain.json)."""
     check_request(cfg, opts)
     out = Path(opts.out)
@@ -293,7 +299,10 @@ def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
     report["gate_failures"] = gate(before, after, opts.gate_points)
     report["published"] = None
     if not report["gate_failures"] and opts.key:
-        report["published"] = _export_and_publish(out, opts, report)
+        if export_bundle is None:
+            raise RetrainError("retrain was given a signing key but no exporter: pass "
+                               "export.build_bundle.export_with_settings (as `linejudge hq retrain` does)")
+        report["published"] = _export_and_publish(out, opts, report, export_bundle)
     (out / "retrain.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, out / "retrain.png")
     if report["gate_failures"]:
@@ -302,16 +311,15 @@ def retrain(cfg: TrainConfig, opts: RetrainOptions) -> dict:
     return report
 
 
-def _export_and_publish(out: Path, opts: RetrainOptions, report: dict) -> dict:
-    from export.build_bundle import ExportOptions, checkpoint_to_bundle
+def _export_and_publish(out: Path, opts: RetrainOptions, report: dict, export_bundle: ExportBundle) -> dict:
     parent = hq.latest_bundle(opts.hq_state, opts.line)
     version = (parent or 0) + 1
-    export = ExportOptions(line=opts.line, version=version, key=opts.key, key_id=opts.key_id,
-                           parent_version=parent, feedback_ids=tuple(report["feedback_ids"]),
-                           val_limit=opts.export_val_limit, calibration_frames=opts.calibration_frames,
-                           gate_points=opts.int8_gate_points, gate_top1=opts.int8_gate_top1)
+    settings = {"line": opts.line, "version": version, "key": opts.key, "key_id": opts.key_id,
+                "parent_version": parent, "feedback_ids": tuple(report["feedback_ids"]),
+                "val_limit": opts.export_val_limit, "calibration_frames": opts.calibration_frames,
+                "gate_points": opts.int8_gate_points, "gate_top1": opts.int8_gate_top1}
     bundle_dir = out / "bundle" / f"{opts.line}-v{version}"
-    checkpoint_to_bundle(out, bundle_dir, export)
+    export_bundle(out, bundle_dir, settings)
     published = hq.publish_bundle(opts.hq_state, bundle_dir)
     return {"version": version, "parent_version": parent, "bundle": str(bundle_dir), "hq_path": str(published)}
 

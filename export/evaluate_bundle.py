@@ -36,10 +36,6 @@ OPERATOR_KEYS = ("flag_rate", "unflagged_binary_accuracy", "defective_missed_rat
 PRECISIONS = ("both", "int8", "fp32")
 
 
-def is_bundle(path: Path) -> bool:
-    return (Path(path) / "manifest.json").is_file()
-
-
 def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: int = 0,
                     precision: str = "both") -> dict:
     """Metrics of the INT8 graphs (flat keys) plus `fp32_*` twins, the INT8 drop in points and
@@ -134,3 +130,26 @@ def operator_metrics(manifest: dict, catalog, patches, rewards, blank, levels, *
     flagged = np.array([decide.decide(catalog.displays, r, blank, p, thresholds, manifest["ood"], list(defective)).flagged
                         for r, p in zip(rewards, patches)])
     return flag_outcomes(defective[rewards.argmax(1)], np.asarray(levels) >= 2, flagged)
+
+
+def evaluate_bundle_cli(args) -> int:
+    """`linejudge eval --model <bundle>`: metrics JSON, headline figures printed."""
+    out, precision = Path(args.json), getattr(args, "precision", None) or "both"
+    metrics = evaluate_bundle(Path(args.model), args.split, args.limit, precision=precision)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    flat = metrics["precision"]
+    for k in HEADLINE:
+        if precision == "both":
+            print(f"{k:28s} int8 {metrics[k]:.4f}  fp32 {metrics['fp32_' + k]:.4f}  "
+                  f"drop {metrics['int8_drop_points_' + k]:+.2f} points")
+        else:
+            print(f"{k:28s} {flat} {metrics[k]:.4f}")
+    if precision == "both":
+        agree = metrics["int8_vs_fp32"]
+        print(f"{'int8_vs_fp32 top1_agreement':28s} {agree['top1_agreement']:.4f} (catalog), "
+              f"{agree['synthetic_top1_agreement']:.4f} (synthetic sets)")
+    for k in OPERATOR_KEYS:
+        print(f"{k:28s} {flat} {metrics[k]:.4f}" if metrics[k] is not None else f"{k:28s} {flat} -")
+    print(f"metrics -> {out}")
+    return 0
