@@ -23,8 +23,6 @@ budget per pass. No failure escapes: the pass returns a result dict with "ok" an
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import email.utils
 import fcntl
@@ -41,7 +39,6 @@ from typing import Callable
 from urllib.parse import quote
 
 import httpx
-from cryptography.exceptions import InvalidSignature
 
 from appliance import models_install
 from appliance.errors import LinejudgeError, ModelError, SyncError, TrialInconclusive
@@ -263,30 +260,18 @@ def installed_version(cfg, store) -> int | None:
 
 def _check_signature(raw: bytes, sig: bytes, key_files: list[Path]) -> None:
     """The manifest signature, before anything big is downloaded (stage() checks all again)."""
-    keys = models_install.trusted_keys(key_files)
     try:
-        body = json.loads(sig)
-        key_id, signature = body["key_id"], base64.b64decode(body["signature"], validate=True)
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise ModelError("the manifest.sig HQ serves is unreadable; not downloading the bundle") from None
-    if key_id not in keys:
-        raise ModelError(f"the bundle HQ offers is signed with key {key_id!r}, which this appliance does "
-                         "not trust; install the HQ public key or re-sign the bundle")
-    try:
-        keys[key_id].verify(signature, raw)
-    except InvalidSignature:
-        raise ModelError("the manifest HQ offers does not match its signature; not installing") from None
+        lib.check_signature(raw, sig, models_install.trusted_keys(key_files))
+    except lib.BundleError as exc:
+        raise ModelError(f"the bundle HQ offers fails its signature check: {exc}; not installing") from None
 
 
-def _safe_entry(entry) -> tuple[str, int]:
-    path = entry.get("path") if isinstance(entry, dict) else None
-    size = entry.get("bytes") if isinstance(entry, dict) else None
-    if (not isinstance(path, str) or not path or path.startswith("/") or "\\" in path or "\x00" in path
-            or any(p in ("", ".", "..") for p in path.split("/")) or path in lib.RESERVED):
-        raise ModelError(f"the offered manifest lists an unsafe file path {path!r}; not installing")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ModelError(f"the offered manifest gives no valid size for {path!r}; not installing")
-    return path, size
+def _parse_offer(raw: bytes) -> dict:
+    """The offered manifest through the bundle's own manifest check (schema, safe paths)."""
+    try:
+        return lib.parse_manifest(raw)
+    except lib.BundleError as exc:
+        raise ModelError(f"the manifest HQ serves is not a valid bundle manifest: {exc}; not installing") from None
 
 
 def _download(s: _Session, url_path: str, dest: Path, size: int) -> None:
@@ -357,13 +342,8 @@ def _update_model(s: _Session, cfg, store, swap: Swap, model: dict, retry_reject
     raw = resp.content
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ModelError(f"the manifest HQ serves is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} limit")
-    try:
-        manifest = json.loads(raw)
-        offered, entries = manifest["version"], manifest["files"]
-    except (ValueError, KeyError, TypeError):
-        offered = entries = None
-    if not isinstance(offered, int) or isinstance(offered, bool) or not isinstance(entries, list):
-        raise ModelError("the manifest HQ serves is not a valid bundle manifest")
+    manifest = _parse_offer(raw)
+    offered = manifest["version"]
     model["offered"] = offered
     if manifest.get("line") != cfg.line:
         model.update(action="refused", reason=f"HQ offers a bundle for line {manifest.get('line')!r}, "
@@ -382,7 +362,7 @@ def _update_model(s: _Session, cfg, store, swap: Swap, model: dict, retry_reject
         model.update(action="skipped", reason=f"version {offered} was rejected before: {rejected[0]['reason']}")
         return
 
-    files = [_safe_entry(e) for e in entries]
+    files = [(e["path"], e["bytes"]) for e in manifest["files"]]
     total = sum(size for _, size in files)
     if total > MAX_BUNDLE_BYTES:
         raise ModelError(f"bundle v{offered} is {total} bytes, over the {MAX_BUNDLE_BYTES}-byte limit; "

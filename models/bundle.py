@@ -192,6 +192,8 @@ def build_manifest(bundle_dir: Path, *, line: str, version: int, expires_days: f
         raise MalformedManifest(f"extra manifest fields {clash} clash with standard fields; rename them")
     manifest.update(extra or {})
     _check_schema(manifest)
+    for entry in manifest["files"]:
+        _check_listed_path(entry["path"])
     return manifest
 
 
@@ -248,8 +250,8 @@ def verify_bundle(bundle_dir, trusted_keys: dict[str, Ed25519PublicKey], *,
     if not bundle_dir.is_dir():
         raise MissingFile(f"bundle directory {bundle_dir} not found")
     raw = _verify_signature(bundle_dir, trusted_keys)
-    manifest = _parse_manifest(raw)
-    _check_files(bundle_dir, manifest["files"])
+    manifest = parse_manifest(raw)
+    check_files(bundle_dir, manifest["files"])
     _check_policy(manifest, installed_version, line, input_spec, now)
     return manifest
 
@@ -260,23 +262,30 @@ def _verify_signature(bundle_dir: Path, trusted_keys: dict) -> bytes:
         if path.is_symlink() or not path.is_file():
             raise MissingSignature(f"{path} is missing (or not a regular file): the bundle is "
                                    "unsigned; sign it at HQ with 'linejudge bundle sign'")
-    key_id, signature = _parse_signature(sig_path)
+    raw = manifest_path.read_bytes()
+    check_signature(raw, sig_path.read_bytes(), trusted_keys)
+    return raw
+
+
+def check_signature(raw_manifest: bytes, raw_signature: bytes, trusted_keys: dict) -> str:
+    """The one signature check (verify_bundle, the appliance's sync before it downloads, HQ):
+    raw_signature is manifest.sig's bytes; returns the key id, or raises a BundleError."""
+    key_id, signature = _parse_signature(raw_signature)
     if key_id not in trusted_keys:
         raise UnknownKey(f"{SIGNATURE} is signed with key {key_id!r}, which is not trusted here "
                          f"(trusted: {sorted(trusted_keys) or 'none'}); install its public key "
                          "or re-sign with a trusted key")
-    raw = manifest_path.read_bytes()
     try:
-        trusted_keys[key_id].verify(signature, raw)
+        trusted_keys[key_id].verify(signature, raw_manifest)
     except InvalidSignature:
         raise BadSignature(f"{SIGNATURE} does not match {MANIFEST} (key {key_id!r}): the manifest "
                            "was changed after signing or is corrupt; do not install, re-export") from None
-    return raw
+    return key_id
 
 
-def _parse_signature(sig_path: Path) -> tuple[str, bytes]:
+def _parse_signature(raw_signature: bytes) -> tuple[str, bytes]:
     try:
-        body = json.loads(sig_path.read_bytes().decode("utf-8"))
+        body = json.loads(raw_signature.decode("utf-8"))
         key_id, encoded = body["key_id"], body["signature"]
         if not isinstance(key_id, str) or not isinstance(encoded, str):
             raise TypeError("key_id and signature must be strings")
@@ -289,12 +298,16 @@ def _parse_signature(sig_path: Path) -> tuple[str, bytes]:
     return key_id, signature
 
 
-def _parse_manifest(raw: bytes) -> dict:
+def parse_manifest(raw: bytes) -> dict:
+    """The one manifest check (verify_bundle, sync before it downloads, HQ before it publishes):
+    UTF-8 JSON, the schema, and every listed path safe; raises a BundleError."""
     try:
         manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedManifest(f"{MANIFEST} is not valid UTF-8 JSON: {exc}") from None
     _check_schema(manifest)
+    for entry in manifest["files"]:
+        _check_listed_path(entry["path"])
     return manifest
 
 
@@ -350,9 +363,9 @@ def _file_entry_problem(entry, seen: set) -> str | None:
     return None
 
 
-def _check_files(bundle_dir: Path, entries: list[dict]) -> None:
-    for entry in entries:
-        _check_listed_path(entry["path"])
+def check_files(bundle_dir: Path, entries: list[dict], *, allow_unlisted: bool = False) -> None:
+    """Every listed file present, a regular file, with its size and sha256; no links anywhere;
+    no unlisted file unless allow_unlisted (HQ publishes only what the manifest lists)."""
     present = _scan(bundle_dir)  # raises UnsafePath on links and special files
     listed = {entry["path"] for entry in entries}
     for entry in entries:
@@ -370,12 +383,23 @@ def _check_files(bundle_dir: Path, entries: list[dict]) -> None:
             raise FileHashMismatch(f"{entry['path']} has sha256 {digest}, manifest says "
                                    f"{entry['sha256']}; the file was altered, do not install")
     extra = sorted(set(present) - listed)
-    if extra:
+    if extra and not allow_unlisted:
         raise ExtraFile(f"{extra[0]} is in the bundle but not in {MANIFEST} "
                         f"({len(extra)} unlisted file(s)); remove it or re-export the bundle")
 
 
+def path_problem(path) -> str | None:
+    """Why a bundle file path is unsafe (absolute, '..', not normalized, reserved), or None."""
+    try:
+        _check_listed_path(path)
+    except UnsafePath as exc:
+        return str(exc)
+    return None
+
+
 def _check_listed_path(path: str) -> None:
+    if not isinstance(path, str) or not path:
+        raise UnsafePath(f"{path!r} in {MANIFEST} is not a file path")
     posix = PurePosixPath(path)
     if posix.is_absolute() or path.startswith("\\") or (len(path) > 1 and path[1] == ":"):
         raise UnsafePath(f"{path!r} in {MANIFEST} is an absolute path; bundle paths must be "

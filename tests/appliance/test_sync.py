@@ -549,3 +549,18 @@ def test_bundle_over_the_total_cap_is_not_downloaded(world, monkeypatch):
     swap = Swap()
     result = run(world, cfg, store, swap)
     assert not result["ok"] and "limit" in result["model"]["reason"] and swap.calls == []
+
+
+@pytest.mark.parametrize("path", ["../outside.bin", "/etc/passwd", "golden/./x.png", "manifest.sig"])
+def test_an_offered_manifest_with_an_unsafe_path_is_refused_before_download(world, path):
+    """Sync uses the bundle's one manifest check (models.bundle.parse_manifest) on the offer."""
+    published = publish(world, 2)
+    manifest = json.loads((published / lib.MANIFEST).read_text())
+    manifest["files"].append({"path": path, "bytes": 1, "sha256": "0" * 64})
+    lib.write_manifest(published, manifest)
+    cfg, store = appliance(world, world["srv"].url)
+    swap = Swap()
+    result = run(world, cfg, store, swap)
+    assert result["ok"] is False and swap.calls == []
+    assert "not a valid bundle manifest" in json.dumps(result) and path in json.dumps(result)
+    assert not (Path(cfg.state_dir) / "downloads" / f"{cfg.line}-v2").exists()

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import http.client
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -432,3 +434,17 @@ def test_hq_commands_take_the_database_from_the_environment(tmp_path, postgres_u
     forgot = cli("--appliance", "cam2")
     assert forgot.returncode == 2 and "LINEJUDGE_HQ_DATABASE_URL" in forgot.stderr
     assert "Traceback" not in forgot.stderr
+
+
+@pytest.mark.parametrize("path", ["../../hq.db", "/etc/passwd", "golden/../scorer.onnx"])
+def test_publish_refuses_an_unsafe_path_through_the_bundle_check(env, path):
+    """HQ publishes through models.bundle's one manifest and file check, not its own."""
+    private, _ = env["keys"]
+    bundle = make_bundle(env["tmp"] / "unsafe", private, 8)
+    manifest = json.loads((bundle / lib.MANIFEST).read_text())
+    manifest["files"].append({"path": path, "bytes": 1, "sha256": "0" * 64})
+    lib.write_manifest(bundle, manifest)
+    before = hq.latest_bundle(env["state"], manifest["line"])
+    with pytest.raises(hq.HQError, match="not publishing.*" + re.escape(repr(path))):
+        hq.publish_bundle(env["state"], bundle)
+    assert hq.latest_bundle(env["state"], manifest["line"]) == before < 8

@@ -158,23 +158,6 @@ def latest_bundle(state: HQState | Path, line: str) -> int | None:
     return row[0] if row and row[0] is not None else None
 
 
-def _check_bundle_files(bundle_dir: Path, manifest: dict) -> None:
-    """Every listed file present with its size and sha256, paths safe (signature checked only
-    when publish_bundle gets key_files: HQ need not hold the appliance trust list)."""
-    entries = manifest.get("files")
-    if not isinstance(entries, list):
-        raise HQError(f"{bundle_dir}/{lib.MANIFEST} has no 'files' list; re-export the bundle")
-    for entry in entries:
-        path = entry.get("path") if isinstance(entry, dict) else None
-        if not isinstance(path, str) or unsafe_path(path) or path in lib.RESERVED:
-            raise HQError(f"{bundle_dir}: unsafe or malformed file entry {entry!r}; re-export the bundle")
-        source = bundle_dir / path
-        if source.is_symlink() or not source.is_file():
-            raise HQError(f"{source} is listed in the manifest but missing (or a link); re-export the bundle")
-        if source.stat().st_size != entry.get("bytes") or lib.file_sha256(source) != entry.get("sha256"):
-            raise HQError(f"{source} does not match its manifest entry (size or sha256); re-export the bundle")
-
-
 def publish_bundle(state: HQState | Path, bundle_dir: Path, key_files: list[Path] | None = None) -> Path:
     """Copy a signed bundle to state_dir/bundles/<line>/<version>/ and make it the line's latest.
 
@@ -191,21 +174,18 @@ def publish_bundle(state: HQState | Path, bundle_dir: Path, key_files: list[Path
             raise HQError(f"{bundle_dir} has no {name}: sign the bundle before publishing "
                           "('linejudge bundle sign')")
     raw = (bundle_dir / lib.MANIFEST).read_bytes()
-    try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise HQError(f"{bundle_dir}/{lib.MANIFEST} is not JSON ({exc}); re-export the bundle") from None
+    try:    # the bundle's own checks; the signature too when HQ holds the trust list
+        manifest = lib.parse_manifest(raw)
+        lib.check_files(bundle_dir, manifest["files"], allow_unlisted=True)
+        if key_files:
+            lib.verify_bundle(bundle_dir, lib.load_public_keys(key_files), line=manifest["line"])
+    except lib.BundleError as exc:
+        raise HQError(f"not publishing {bundle_dir}: {exc}") from None
     line, version = manifest.get("line"), manifest.get("version")
     if not isinstance(line, str) or not NAME_RE.match(line):
         raise HQError(f"manifest line {line!r} is not a valid line name")
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise HQError(f"manifest version {version!r} is not a non-negative integer")
-    if key_files:
-        try:
-            lib.verify_bundle(bundle_dir, lib.load_public_keys(key_files), line=line)
-        except lib.BundleError as exc:
-            raise HQError(f"not publishing {bundle_dir}: {exc}") from None
-    _check_bundle_files(bundle_dir, manifest)
     latest = latest_bundle(hq, line)
     if latest is not None and version <= latest:
         raise HQError(f"line {line} already has version {latest}; bundle versions must increase, "
@@ -268,12 +248,9 @@ def fleet(state: HQState | Path) -> list[dict]:
 # ---------------------------------------------------------------- request helpers
 
 def unsafe_path(path: str) -> bool:
-    """True for anything but a plain relative posix path inside a directory."""
-    if not path or path.startswith("/") or "\\" in path or "\x00" in path or "%" in path:
-        return True
-    if len(path) > 1 and path[1] == ":":
-        return True
-    return any(part in ("", ".", "..") for part in path.split("/"))
+    """A requested bundle file path the bundle's own path rule refuses, or one still holding a
+    percent sign (a second round of URL decoding); manifest.json and manifest.sig are served."""
+    return "%" in path or (path not in lib.RESERVED and lib.path_problem(path) is not None)
 
 
 def _bad(status: int, detail: str, headers: dict | None = None):
