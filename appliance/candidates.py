@@ -39,12 +39,6 @@ class Catalog:
         """Per entry: whether it names a defect (facts.defective), None where the fact is absent."""
         return [None if e.facts.get("defective") is None else bool(e.facts["defective"]) for e in self.entries]
 
-    def entry_for_text(self, text: str) -> CatalogEntry | None:
-        for entry in self.entries:
-            if text in entry.texts or text in entry.heldout:
-                return entry
-        return None
-
 
 def load_catalog(path: str | Path) -> Catalog:
     path = Path(path)

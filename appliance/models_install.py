@@ -2,7 +2,7 @@
 
     <state>/bundles/<manifest-sha256[:16]>/   verified copies (staging named by manifest hash)
     <state>/bundles/current  -> symlink to the active one
-    <state>/bundles/previous -> symlink to the one before (rollback target)
+    <state>/bundles/previous -> symlink to the one before (kept by pruning)
 
 The bundle shipped in models/bundles/ is verified like any other; nothing unsigned runs.
 """
@@ -76,16 +76,6 @@ def switch(bundles_dir: Path, target: Path) -> None:
     if current.exists():
         _atomic_link(previous, current.resolve())
     _atomic_link(current, Path(target).resolve())
-
-
-def rollback(bundles_dir: Path) -> Path:
-    bundles_dir = Path(bundles_dir)
-    previous = bundles_dir / "previous"
-    if not previous.exists():
-        raise ModelError("no previous bundle to roll back to")
-    target = previous.resolve()
-    _atomic_link(bundles_dir / "current", target)
-    return target
 
 
 def _atomic_link(link: Path, target: Path) -> None:

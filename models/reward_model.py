@@ -330,9 +330,6 @@ class RewardModel(nn.Module):
         r = self.scorer.score_pairs(patches[:, None], texts.reshape(b, c, *texts.shape[1:]))
         return (r, patches) if with_patches else r
 
-    def trainable_parameters(self):
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
-
     def parameter_count(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
