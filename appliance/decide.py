@@ -1,6 +1,8 @@
 """From rewards to a verdict and, when the model is unsure, a flag with its reasons.
 
-Four reasons to flag, each against a runtime threshold (defaults in the bundle manifest):
+A frame that cannot show a part (all dark, all white, flat grey, noise: preprocess.frame_problem)
+is always flagged, whatever the model says of it. Four more reasons to flag, each against a
+runtime threshold (defaults in the bundle manifest):
   * low confidence: P(best beats runner-up) = sigmoid(r1 - r2) below `p_best`, or below
     `p_best_free_text` when the verdict is a candidate whose facts are unknown (free text),
     where the possible-defect check below cannot stand in for it
@@ -97,15 +99,17 @@ def image_reliance(rewards: np.ndarray, blank_rewards: np.ndarray) -> float:
 
 
 def decide(texts: list[str], rewards: np.ndarray, blank_rewards: np.ndarray, patches: np.ndarray,
-           thresholds: Thresholds, ood: dict, defective: list[bool | None] | None = None) -> Decision:
-    """`defective[i]`: whether candidate i names a defect (None: unknown, e.g. free text)."""
+           thresholds: Thresholds, ood: dict, defective: list[bool | None] | None = None,
+           frame_problem: str | None = None) -> Decision:
+    """`defective[i]`: whether candidate i names a defect (None: unknown, e.g. free text);
+    `frame_problem`: why the frame cannot show a part (it is then always flagged)."""
     order = np.argsort(-rewards)
     ranking = [(texts[i], float(rewards[i])) for i in order]
     confidence = p_best(rewards)
     limit = _confidence_limit(thresholds, defective, int(order[0]))
     distance = ood_distance(frame_vector(patches), ood)
     reliance = image_reliance(rewards, blank_rewards)
-    reasons = []
+    reasons = [frame_problem] if frame_problem else []
     if confidence < limit:
         reasons.append(f"low confidence: best beats runner-up with p={confidence:.2f} "
                        f"(threshold {limit:.2f})")

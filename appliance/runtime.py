@@ -14,7 +14,8 @@ import numpy as np
 from appliance.candidates import load_catalog, merge_candidates
 from appliance.decide import Decision, Thresholds, decide
 from appliance.errors import ModelError
-from appliance.preprocess import PreprocessSpec, TextTokenizer, blank_input, frame_to_input
+from appliance.preprocess import (PreprocessSpec, TextTokenizer, blank_input, frame_problem, frame_to_input,
+                                 normalize, resize_gray)
 from appliance.scoring import open_backend
 from models.platform import cpu_flags, int8_kernel_path
 
@@ -103,11 +104,13 @@ class ModelRuntime:
         if not texts:
             raise ModelError("no candidate explanations to score")
         features = self.text_features(texts)
-        patches = self.backend.image_features(frame_to_input(frame, self.spec))
+        gray = resize_gray(frame, self.spec.image_size)
+        patches = self.backend.image_features(normalize(gray, self.spec))
         rewards = self.backend.rewards(patches, features)[0]
         blank = self._blank_rewards_for(texts, features)
         defective = [self._defective.get(t) for t in texts]
-        decision = decide(texts, rewards, blank, patches[0], self.thresholds, self.ood, defective)
+        decision = decide(texts, rewards, blank, patches[0], self.thresholds, self.ood, defective,
+                          frame_problem(gray))
         return Judgement(decision, texts, rewards, (time.perf_counter() - started) * 1000, self.version)
 
     def _blank_rewards_for(self, texts: list[str], features: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ the *test* split is a number anyone can rerun (the export gate only sees val). T
 are the INT8 graphs' (or, with one precision, that precision's); `fp32_*` are the twins,
 `int8_drop_points_*` the drops, and `int8_vs_fp32` how often the two agree. The flat keys also
 report what the line sees with the bundle's own flag thresholds (`operator_metrics`), and
-`platform` where the figures were measured. No torch import.
+`platform` where the figures were measured, and `robustness` (export/robustness.py) camera
+variations, frames with no part in view and outside phrasings, for the flat precision. No torch import.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import verify
 from export.decide_stats import catalog_defective, catalog_outputs, flag_outcomes
+from export.robustness import robustness_metrics
 from models.platform import platform_record
 from training.metrics import check_limit, elpv_metrics, eval_sets, set_metrics
 
@@ -59,6 +61,7 @@ def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: in
         m, ordered = elpv_metrics(rewards, data)
         if not prefix:
             m.update(operator_metrics(manifest, catalog, patches, rewards, blank, data.levels))
+            m["robustness"] = robustness_metrics(backend, tokenizer, spec, data, catalog, manifest, rewards)
             metrics["platform"] = platform_record(backend.provider)
         scorer = backend_set_scorer(backend, tokenizer, spec, seed, known={id(data): patches})
         sets, syn_r = set_metrics(scorer, syn, data, ordered)
@@ -151,5 +154,18 @@ def evaluate_bundle_cli(args) -> int:
               f"{agree['synthetic_top1_agreement']:.4f} (synthetic sets)")
     for k in OPERATOR_KEYS:
         print(f"{k:28s} {flat} {metrics[k]:.4f}" if metrics[k] is not None else f"{k:28s} {flat} -")
+    print_robustness(metrics["robustness"], flat)
     print(f"metrics -> {out}")
     return 0
+
+
+def print_robustness(robust: dict, precision: str) -> None:
+    for name, m in robust["camera_variations"].items():
+        print(f"{'camera ' + name:28s} {precision} verdict agreement {m['verdict_agreement']:.4f}, "
+              f"binary {m['elpv_binary_accuracy']:.4f}")
+    unflagged = [name for name, m in robust["no_part_in_view"].items() if not m["flagged"]]
+    print(f"{'no part in view':28s} {precision} {len(robust['no_part_in_view']) - len(unflagged)} of "
+          f"{len(robust['no_part_in_view'])} flagged{' (NOT: ' + ', '.join(unflagged) + ')' if unflagged else ''}")
+    outside = robust["outside_phrasings"]
+    print(f"{'outside phrasings binary':28s} {precision} {outside['elpv_binary_accuracy']:.4f} "
+          f"({outside['gap_points']:+.1f} points below the catalog's)")

@@ -100,3 +100,25 @@ def test_facts_given_as_numpy_booleans_work_the_same():
     d = decide(TEXTS, NEAR_MISS, np.zeros(3), PATCHES, Thresholds(p_best=0.5, p_defect=0.4), OOD,
                list(np.array(DEFECT_FACTS)))
     assert d.flagged and d.reasons[0].startswith("possible defect")
+
+
+def test_a_frame_that_cannot_show_a_part_is_always_flagged():
+    """Lens cap, dead camera, blown exposure, flat grey, sensor noise: flagged with a plain reason,
+    however sure the model is; a real ELPV cell is not."""
+    from appliance.preprocess import frame_problem
+    from training.data import elpv
+    rng = np.random.default_rng(0)
+    frames = [("all dark", np.zeros((160, 160), np.uint8)),
+              ("all dark", np.clip(rng.normal(6, 1.5, (160, 160)), 0, 255).astype(np.uint8)),
+              ("all white", np.full((160, 160), 255, np.uint8)),
+              ("flat grey", np.full((160, 160), 128, np.uint8)),
+              ("only noise", rng.integers(0, 256, (160, 160)).astype(np.uint8)),
+              ("only noise", np.clip(rng.normal(8, 4, (160, 160)), 0, 255).astype(np.uint8))]
+    for words, frame in frames:
+        problem = frame_problem(frame)
+        assert problem is not None and problem.startswith("no part in view") and words in problem, (words, problem)
+        d = decide(TEXTS, np.array([9.0, 0.0, -9.0]), np.zeros(3), PATCHES, Thresholds(), OOD,
+                   frame_problem=problem)
+        assert d.flagged and d.reasons[0] == problem
+    cells = elpv.load_images(elpv.read_cells()[::40], 160)
+    assert [frame_problem(cell) for cell in cells] == [None] * len(cells)

@@ -86,3 +86,27 @@ def test_the_bundle_eval_needs_neither_torch_nor_the_checkpoint_eval():
             "print('torch' in sys.modules, 'training.evaluate' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.stdout.split() == ["False", "False"], result.stderr[-2000:]
+
+
+def test_bundle_eval_reports_camera_variations_no_part_frames_and_outside_phrasings(both):
+    from export.robustness import CAMERA_VARIATIONS, no_part_frames
+    robust = both["robustness"]
+    assert set(robust["camera_variations"]) == set(CAMERA_VARIATIONS)
+    for name, m in robust["camera_variations"].items():
+        assert 0 <= m["verdict_agreement"] <= 1 and 0 <= m["elpv_binary_accuracy"] <= 1, name
+    no_part = robust["no_part_in_view"]
+    assert set(no_part) == set(no_part_frames(64))
+    assert all(m["flagged"] and m["reason"].startswith("no part in view") for m in no_part.values()), no_part
+    outside = robust["outside_phrasings"]
+    assert len(outside["per_column"]) == 4 and 0 <= outside["elpv_binary_accuracy"] <= 1
+    assert outside["catalog_elpv_binary_accuracy"] == pytest.approx(both["elpv_binary_accuracy"])
+
+
+def test_quarter_turns_and_exposure_change_the_frame_not_its_shape():
+    import numpy as np
+    from export.robustness import CAMERA_VARIATIONS
+    frame = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)
+    for name, change in CAMERA_VARIATIONS.items():
+        changed = change(frame)
+        assert changed.shape == frame.shape and changed.dtype == np.uint8, name
+        assert not np.array_equal(changed, frame), f"{name} left the frame as it was"
