@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 MINILM_HIDDEN = 384
 EFFICIENTNET_BLOCKS = 16          # MBConv blocks of EfficientNet-Lite0
 VOCAB_SIZE = 30522
+LEVELS = 4                        # ELPV defect levels 0, 1/3, 2/3, 1
 
 
 class ModelLoadError(Exception):
@@ -48,6 +50,7 @@ class ModelConfig:
     fusion_layers: int = 1
     fusion_heads: int = 4
     dropout: float = 0.1
+    level_weight: float = 0.0         # > 0: an image ELPV-level head folded into the reward (Scorer)
 
     def __post_init__(self):
         if self.text_encoder not in ("small", "minilm"):
@@ -66,6 +69,9 @@ class ModelConfig:
                              f"(EfficientNet-Lite0's blocks), not {self.frozen_blocks!r}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be a number from 0 up to (not including) 1, not {self.dropout!r}")
+        if isinstance(self.level_weight, bool) or not isinstance(self.level_weight, (int, float)) \
+                or not 0 <= self.level_weight <= 10:
+            raise ValueError(f"level_weight must be a number from 0 (no level head) to 10, not {self.level_weight!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -286,6 +292,13 @@ class Scorer(nn.Module):
 
     reward = MLP(text tokens after attending to the patches)   (grounded, local)
            + <g(mean patch), h(mean text)> / sqrt(d)          (global image-text match)
+           + level_weight * sum_l q_l(text) log p_l(frame)    (with level_weight > 0)
+
+    The last term folds an image classifier into the reward: p(level | frame) is an image
+    head over the ELPV defect levels (0, 1/3, 2/3, 1) on mean- and max-pooled patches, q(level
+    | text) which level an explanation states. Both are trained with cross-entropy (the levels
+    of the ELPV cells and of the catalog entries), so the catalog verdict is as good as the
+    image classifier, and one more candidate costs a dot product over four levels.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -297,13 +310,30 @@ class Scorer(nn.Module):
         self.image_match = nn.Linear(d, d)
         self.text_match = nn.Linear(d, d)
         self.scale = d ** -0.5
+        self.level_weight = float(cfg.level_weight)
+        if self.level_weight:
+            self.image_level = nn.Sequential(nn.LayerNorm(2 * d), nn.Dropout(cfg.dropout), nn.Linear(2 * d, LEVELS))
+            self.text_level = nn.Linear(d, LEVELS)
+
+    def image_level_logits(self, patches):
+        """(..., P, d) -> (..., 4) logits of the frame's ELPV defect level."""
+        return self.image_level(torch.cat([patches.mean(-2), patches.amax(-2)], -1))
+
+    def text_level_logits(self, texts):
+        """(..., M, d) -> (..., 4) logits of the defect level an explanation states."""
+        return self.text_level(texts.mean(-2))
 
     def _reward(self, patches, texts):
         """patches (..., P, d) x texts (..., M, d), leading dims broadcast -> rewards (...)."""
         match = (self.image_match(patches.mean(-2)) * self.text_match(texts.mean(-2))).sum(-1) * self.scale
+        level = 0.0
+        if self.level_weight:
+            log_p = F.log_softmax(self.image_level_logits(patches), -1)
+            q = F.softmax(self.text_level_logits(texts), -1)
+            level = self.level_weight * (q * log_p).sum(-1)
         for block in self.blocks:
             texts = block(texts, patches)
-        return self.head(texts.mean(-2)).squeeze(-1) + match
+        return self.head(texts.mean(-2)).squeeze(-1) + match + level
 
     def forward(self, patches, texts):
         return self._reward(patches[:, None], texts[None])
@@ -311,6 +341,14 @@ class Scorer(nn.Module):
     def score_pairs(self, patches, texts):
         """Row i of patches with row i of texts: (K, P, d) x (K, M, d) -> (K,)."""
         return self._reward(patches, texts)
+
+
+class Outputs(NamedTuple):
+    """What training heads read besides the rewards (level logits are None without a level head)."""
+    rewards: torch.Tensor                      # (B, C)
+    patches: torch.Tensor                      # (B, P, d)
+    image_levels: torch.Tensor | None          # (B, 4)
+    text_levels: torch.Tensor | None           # (B, C, 4)
 
 
 class RewardModel(nn.Module):
@@ -322,13 +360,18 @@ class RewardModel(nn.Module):
         self.scorer = Scorer(cfg)
 
     def forward(self, image, ids, mask, candidates_per_image: int, with_patches: bool = False):
-        """image (B,1,H,W); ids/mask (B*C, L), C candidates per image -> rewards (B, C)
-        (and the patch grid (B, P, d) when with_patches, for training-only heads)."""
+        """image (B,1,H,W); ids/mask (B*C, L), C candidates per image -> rewards (B, C), or
+        with_patches: Outputs, which training-only heads and losses read."""
         patches = self.image_encoder(image)
         texts = self.text_encoder(ids, mask)
         b, c = image.shape[0], candidates_per_image
-        r = self.scorer.score_pairs(patches[:, None], texts.reshape(b, c, *texts.shape[1:]))
-        return (r, patches) if with_patches else r
+        texts = texts.reshape(b, c, *texts.shape[1:])
+        r = self.scorer.score_pairs(patches[:, None], texts)
+        if not with_patches:
+            return r
+        if not self.scorer.level_weight:
+            return Outputs(r, patches, None, None)
+        return Outputs(r, patches, self.scorer.image_level_logits(patches), self.scorer.text_level_logits(texts))
 
     def parameter_count(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

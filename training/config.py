@@ -12,8 +12,9 @@ from appliance.config import is_number, is_whole
 from appliance.errors import ConfigError
 from models.reward_model import STUDENT, TEACHER, ModelConfig
 
-STAGE_NAMES = ("text", "multimodal", "distill", "fleet")
-SELECT_BY = {"pairwise": "val_pairwise_accuracy", "elpv_binary": "val_elpv_binary_accuracy"}
+STAGE_NAMES = ("text", "classify", "multimodal", "distill", "fleet")
+SELECT_BY = {"pairwise": "val_pairwise_accuracy", "elpv_binary": "val_elpv_binary_accuracy",
+             "level_head": "val_level_head_binary_accuracy"}
 FLEET_STAGES = ("fleet", "distill")   # `linejudge hq retrain` configs: exactly these, in order
 ELPV_TYPES = ("mono", "poly")
 
@@ -67,6 +68,8 @@ class StageConfig:
     distill_alpha: float = 0.7        # distill: weight of the teacher term vs true pairs
     fact_loss: float = 0.0           # multimodal/distill: weight of the training-only fact head
                                       # (synthetic frames' type, cell, severity from the patches)
+    level_loss: float = 0.0           # multimodal/distill: weight of the ELPV level cross-entropy
+                                      # (the model's level heads; needs model level_weight > 0)
     max_steps_per_epoch: int | None = None
     select: str = "pairwise"          # which epoch is kept: best val pairwise accuracy, or
                                       # best val ELPV binary accuracy ("elpv_binary", image stages)
@@ -85,12 +88,16 @@ class StageConfig:
         _number(where, "distill_alpha", self.distill_alpha, 0.0, 1.0, 0.7)
         _flag(where, "shortcut_weighting", self.shortcut_weighting)
         _number(where, "fact_loss", self.fact_loss, 0.0, None, 0.5)
-        if self.fact_loss and self.name == "text":
-            raise ConfigError(f"stage {self.name}: fact_loss must be >= 0 and is for image stages only")
+        _number(where, "level_loss", self.level_loss, 0.0, None, 0.5)
+        for key in ("fact_loss", "level_loss"):
+            if getattr(self, key) and self.name in ("text", "classify"):
+                raise ConfigError(f"stage {self.name}: {key} is for the multimodal, distill and fleet stages "
+                                  f"(the classify stage trains the level heads alone); leave it out here")
         if not isinstance(self.select, str) or self.select not in SELECT_BY or (
-                self.select != "pairwise" and self.name not in ("multimodal", "distill")):
+                self.select != "pairwise" and self.name not in ("classify", "multimodal", "distill")):
             raise ConfigError(f"stage {self.name}: select must be one of {', '.join(SELECT_BY)} "
-                              f"(elpv_binary is for the multimodal and distill stages), got {self.select!r}")
+                              f"(elpv_binary and level_head are for the classify, multimodal and distill stages), "
+                              f"got {self.select!r}")
 
 
 @dataclass(frozen=True)
@@ -117,8 +124,26 @@ class TrainConfig:
             raise ConfigError(f"a fleet retraining config has exactly the stages {list(FLEET_STAGES)}, got {names}")
         if "distill" in names and names[-1] != "distill":
             raise ConfigError("distill must be the last stage (it needs the finished teacher)")
-        if any(s.select == "elpv_binary" for s in self.stages) and not self.data.use_elpv:
-            raise ConfigError("select: elpv_binary needs ELPV validation cells: set data.use_elpv: true")
+        if any(s.select != "pairwise" for s in self.stages) and not self.data.use_elpv:
+            raise ConfigError("select: elpv_binary and level_head need ELPV validation cells: set data.use_elpv: true")
+        self._check_level_heads(names)
+
+    def _check_level_heads(self, names: list[str]) -> None:
+        """The classify stage and level_loss train the models' level heads, so those must exist;
+        classify comes after text (blank frames would move its BatchNorm statistics) and before multimodal."""
+        if "classify" in names:
+            at = names.index("classify")
+            if not self.data.use_elpv:
+                raise ConfigError("the classify stage learns the ELPV levels: set data.use_elpv: true")
+            if ("text" in names and names.index("text") > at) or ("multimodal" in names and names.index("multimodal") < at):
+                raise ConfigError(f"classify must come after text and before multimodal, got {names}")
+        uses = lambda s: s.level_loss or s.name == "classify" or s.select == "level_head"   # noqa: E731
+        needs = {"teacher": any(s.name != "distill" and uses(s) for s in self.stages),
+                 "student": any(s.name == "distill" and uses(s) for s in self.stages)}
+        for role, needed in needs.items():
+            if needed and not getattr(self, role).level_weight:
+                raise ConfigError(f"{role}: level_weight must be > 0 (e.g. level_weight: 1.0) for the classify "
+                                  f"stage and level_loss: they train the model's level heads")
 
     def hash(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()

@@ -16,6 +16,7 @@ from appliance.preprocess import PreprocessSpec
 from models.reward_model import RewardModel, load_model
 from training.metrics import (SYNTHETIC_EVAL_SEED, check_limit, ece, elpv_metrics,  # noqa: F401 (re-exported)
                               eval_sets, oriented_pairs, pair_correct, set_metrics, synthetic_by_fact)
+from training.data import elpv
 from training.stages import Encoder, rewards
 
 ANCHORS = {  # ELPV binary accuracy unless noted
@@ -87,6 +88,23 @@ def elpv_binary_accuracy(model: RewardModel, enc: Encoder, data) -> float:
     """One model's ELPV binary accuracy (defective when p >= 0.5) on one ELPV set."""
     scores = score_fixed_candidates(model, enc, data.images, data.catalog.displays)
     return elpv_metrics(scores, data)[0]["elpv_binary_accuracy"]
+
+
+@torch.no_grad()
+def level_head_probabilities(model: RewardModel, enc: Encoder, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """(N,S,S) frames -> (N, 4) probabilities of the ELPV levels from the image level head alone."""
+    model.eval()
+    out = [torch.softmax(model.scorer.image_level_logits(model.image_encoder(enc.frames(images[i:i + batch]))), -1)
+           for i in range(0, len(images), batch)]
+    return torch.cat(out).numpy()
+
+
+def level_head_binary_accuracy(model: RewardModel, enc: Encoder, data) -> float:
+    """ELPV binary accuracy of the image level head alone (defective: P(2/3) + P(1) >= 0.5), to
+    tell how much of the classifier's figure the reward's catalog verdict keeps."""
+    p = level_head_probabilities(model, enc, data.images)
+    truth = np.array([elpv.LEVELS[level] >= 0.5 for level in data.levels])
+    return float(((p[:, 2:].sum(1) >= 0.5) == truth).mean())
 
 
 # ------------------------------------------------------------------ the whole evaluation

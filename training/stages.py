@@ -57,7 +57,7 @@ class Encoder:
 
 def rewards(model: RewardModel, enc: Encoder, frames, texts, c: int, blank=False, with_patches=False):
     """(B*C) texts against B frames -> (B, C); a blank frame is encoded once, not B times.
-    with_patches also returns the frames' patch grid (B, P, d) for the fact head."""
+    with_patches returns the model's Outputs (patch grid, level logits) for the training heads."""
     ids, mask = enc.texts(texts)
     if blank:
         return model(enc.blank(1), ids, mask, len(texts)).reshape(len(frames), c)
@@ -69,6 +69,8 @@ class TrainBatch(NamedTuple):
     texts: list[str]            # B*C, the right candidate first in each group of C
     c: int
     labels: np.ndarray | None   # (B, 3) synthetic type/location/severity classes, else None
+    levels: np.ndarray | None = None        # (B,) ELPV defect level of each frame, else None
+    text_levels: np.ndarray | None = None   # (B, C) the level each candidate states, else None
 
 
 class FactHead(nn.Module):
@@ -93,6 +95,16 @@ def fact_term(head, patches, batch: TrainBatch, stage: StageConfig):
     return stage.fact_loss * head(patches, batch.labels)
 
 
+def level_term(out, batch: TrainBatch, weight: float):
+    """Cross-entropy of the image level head on the ELPV cells' levels and of the text level head
+    on the levels their candidate explanations state (free labels: the catalog's facts)."""
+    if not weight or batch.levels is None or out.image_levels is None:
+        return 0.0
+    image = F.cross_entropy(out.image_levels, torch.from_numpy(batch.levels))
+    text = F.cross_entropy(out.text_levels.flatten(0, 1), torch.from_numpy(batch.text_levels).flatten())
+    return weight * (image + text)
+
+
 def pair_losses(r: torch.Tensor) -> torch.Tensor:
     """(B, C) rewards with the right candidate first -> (B, C-1) BT losses."""
     return bradley_terry_loss(r[:, :1], r[:, 1:])
@@ -105,9 +117,16 @@ def centring(r: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ loss per stage
 def text_step(model, proxy, teacher, head, enc, stage: StageConfig, batch: TrainBatch):
     """Text-only pairs (blank frame): specific, consistent over vague or contradictory."""
-    frames, texts, c, _ = batch
+    frames, texts, c = batch[:3]
     r = rewards(model, enc, frames, texts, c, blank=True)
     return pair_losses(r).mean() + stage.centring * centring(r)
+
+
+def classify_step(model, proxy, teacher, head, enc, stage: StageConfig, batch: TrainBatch):
+    """Classifier first: the trunk and the level heads learn the ELPV levels alone (cross-entropy),
+    before any preference pair shares the trunk with synthetic frames."""
+    frames, texts, c = batch[:3]
+    return level_term(rewards(model, enc, frames, texts, c, with_patches=True), batch, 1.0)
 
 
 def multimodal_step(model, proxy, teacher, head, enc, stage: StageConfig, batch: TrainBatch):
@@ -118,10 +137,10 @@ def multimodal_step(model, proxy, teacher, head, enc, stage: StageConfig, batch:
     Weights are divided by their batch mean, so they reweight pairs against each other
     without also shrinking the overall learning rate (our deviation from the paper).
     """
-    frames, texts, c, _ = batch
-    r_m, patches = rewards(model, enc, frames, texts, c, with_patches=True)
-    loss_m = pair_losses(r_m)
-    facts = fact_term(head, patches, batch, stage)
+    frames, texts, c = batch[:3]
+    out = rewards(model, enc, frames, texts, c, with_patches=True)
+    r_m, loss_m = out.rewards, pair_losses(out.rewards)
+    facts = fact_term(head, out.patches, batch, stage) + level_term(out, batch, stage.level_loss)
     if not stage.shortcut_weighting or proxy is None:
         return loss_m.mean() + stage.centring * centring(r_m) + facts
     r_t = rewards(proxy, enc, frames, texts, c, blank=True)
@@ -133,8 +152,9 @@ def multimodal_step(model, proxy, teacher, head, enc, stage: StageConfig, batch:
 
 def distill_step(student, proxy, teacher, head, enc, stage: StageConfig, batch: TrainBatch):
     """Match the teacher's preference distribution over each candidate set + true pairs."""
-    frames, texts, c, _ = batch
-    r_s, patches = rewards(student, enc, frames, texts, c, with_patches=True)
+    frames, texts, c = batch[:3]
+    out = rewards(student, enc, frames, texts, c, with_patches=True)
+    r_s = out.rewards
     with torch.no_grad():
         r_t = rewards(teacher, enc, frames, texts, c)
     t = stage.temperature
@@ -143,11 +163,12 @@ def distill_step(student, proxy, teacher, head, enc, stage: StageConfig, batch: 
     scale = F.mse_loss(r_s - r_s.mean(-1, keepdim=True), r_t - r_t.mean(-1, keepdim=True))
     true_pairs = pair_losses(r_s).mean()
     return (stage.distill_alpha * (kl + 0.1 * scale) + (1 - stage.distill_alpha) * true_pairs
-            + stage.centring * centring(r_s) + fact_term(head, patches, batch, stage))
+            + stage.centring * centring(r_s) + fact_term(head, out.patches, batch, stage)
+            + level_term(out, batch, stage.level_loss))
 
 
 # fleet: the multimodal loss on operator preference pairs mixed with replay of the base data
-STEPS = {"text": text_step, "multimodal": multimodal_step, "distill": distill_step, "fleet": multimodal_step}
+STEPS = {"text": text_step, "classify": classify_step, "multimodal": multimodal_step, "distill": distill_step, "fleet": multimodal_step}
 
 
 # ------------------------------------------------------------------ validation
@@ -177,7 +198,7 @@ def _mixed_batches(sets, batch_size, rng, max_steps):
         batch = next(iterators[k], None)
         if batch is not None:
             frames, texts, c, idx = batch
-            yield TrainBatch(frames, texts, c, sets[k].fact_labels(idx))
+            yield TrainBatch(frames, texts, c, sets[k].fact_labels(idx), *sets[k].level_labels(idx))
 
 
 def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, val_sets,

@@ -3,7 +3,7 @@
 Run directory layout:
     config.json        the resolved config and its hash (a run resumes only with the same one)
     train_ids.json     every ELPV cell id that reached training (never a test cell)
-    text/ multimodal/ distill/   per stage: checkpoint.pt, done.json, model/ (+ proxy/)
+    text/ classify/ multimodal/ distill/   per stage: checkpoint.pt, done.json, model/ (+ proxy/)
     summary.json       per-stage metrics, parameter counts, timings
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from training.config import TrainConfig
 from training.data import elpv
 from training.data.batches import CandidateSet, ElpvSet, elpv_set, synthetic_set
 from training.data.text_pairs import train_val_pairs
-from training.evaluate import elpv_binary_accuracy
+from training.evaluate import elpv_binary_accuracy, level_head_binary_accuracy
 from training.stages import Encoder, run_stage
 
 
@@ -137,6 +137,10 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
         if stage.name == "text":
             metrics = run_stage(stage, teacher, enc, data["text_train"], data["text_val"], out, cfg.seed)
             proxy = copy.deepcopy(teacher)
+        elif stage.name == "classify":
+            cells = [d for d in data["train"] if isinstance(d, ElpvSet)]
+            metrics = run_stage(stage, teacher, enc, cells, [d for d in data["val"] if isinstance(d, ElpvSet)],
+                                out, cfg.seed, val_extra=elpv_val)
         elif stage.name == "multimodal":
             proxy = proxy if proxy is not None else copy.deepcopy(teacher)
             metrics = run_stage(stage, teacher, enc, data["train"], data["val"], out, cfg.seed, proxy=proxy,
@@ -160,11 +164,18 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
 
 
 def elpv_val_figures(val_sets, enc: Encoder):
-    """model -> {"val_elpv_binary_accuracy": ...} on the ELPV validation cells, if there are any."""
+    """model -> {"val_elpv_binary_accuracy": ...} on the ELPV validation cells, if there are any
+    (and the image level head's own figure where the model has one)."""
     cells = [s for s in val_sets if isinstance(s, ElpvSet)]
     if not cells:
         return None
-    return lambda model: {"val_elpv_binary_accuracy": elpv_binary_accuracy(model, enc, cells[0])}
+
+    def figures(model: RewardModel) -> dict:
+        out = {"val_elpv_binary_accuracy": elpv_binary_accuracy(model, enc, cells[0])}
+        if model.scorer.level_weight:
+            out["val_level_head_binary_accuracy"] = level_head_binary_accuracy(model, enc, cells[0])
+        return out
+    return figures
 
 
 def _minilm_word_embeddings() -> torch.Tensor:

@@ -14,9 +14,14 @@ TINY = Path(__file__).resolve().parents[2] / "training" / "configs" / "tiny.yaml
 
 def test_every_stage_trains_every_parameter_and_lowers_the_loss(tiny_run):
     out, summary = tiny_run
-    assert [s["stage"] for s in summary["stages"]] == ["text", "multimodal", "distill"]
+    assert [s["stage"] for s in summary["stages"]] == ["text", "classify", "multimodal", "distill"]
     for stage in summary["stages"]:
-        assert stage["unchanged_parameters"] == [], stage["stage"]
+        unchanged = stage["unchanged_parameters"]
+        if stage["stage"] == "classify":   # the trunk and level heads only: no preference pairs yet
+            trained = [n for n in unchanged if "image_encoder" in n or "_level" in n]
+            assert trained == [] and any("fusion" in n or "blocks" in n for n in unchanged), unchanged
+        else:
+            assert unchanged == [], stage["stage"]
         first, last = stage["history"][0]["loss_first"], stage["history"][-1]["loss_last"]
         assert last < first, f"{stage['stage']}: loss {first:.4f} -> {last:.4f}"
     for rel in ("text/model", "multimodal/model", "multimodal/proxy", "distill/model"):
@@ -110,8 +115,38 @@ def test_fact_loss_reaches_the_image_features_only():
     model = RewardModel(cfg).eval()
     images = torch.randn(2, 1, 64, 64)
     ids, mask = torch.randint(1000, 2000, (6, 16)), torch.ones(6, 16, dtype=torch.long)
-    r, patches = model(images, ids, mask, 3, with_patches=True)
+    r, patches, image_levels, _ = model(images, ids, mask, 3, with_patches=True)
     assert torch.equal(r, model(images, ids, mask, 3)) and patches.shape == (2, cfg.grid ** 2, 32)
+    assert image_levels is None, "a model without level_weight has no level head"
     FactHead(cfg.grid, cfg.d_model)(patches, np.array([[0, 0, 0], [3, 5, 2]])).backward()
     assert model.image_encoder.project.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.text_encoder.parameters())
+
+
+def test_level_head_adds_the_log_probability_of_the_stated_level():
+    """reward = fusion + match + level_weight * sum_l q_l(text) log p_l(frame): with the other
+    terms zeroed and a text head that states one level, the reward is level_weight * log p."""
+    import numpy as np
+    import torch
+    from models.reward_model import ModelConfig, RewardModel
+    from training.stages import TrainBatch, level_term
+    cfg = ModelConfig(image_size=64, d_model=32, text_heads=2, fusion_heads=2, summary_tokens=2,
+                      max_tokens=16, pretrained_image=False, frozen_blocks=12, level_weight=2.0)
+    model = RewardModel(cfg).eval()
+    scorer = model.scorer
+    with torch.no_grad():
+        for p in (*scorer.head[-1].parameters(), *scorer.image_match.parameters()):
+            p.zero_()
+        scorer.text_level.weight.zero_()
+        scorer.text_level.bias.copy_(torch.tensor([0.0, 0.0, 50.0, 0.0]))   # every text states level 2
+    images = torch.randn(2, 1, 64, 64)
+    ids, mask = torch.randint(1000, 2000, (6, 16)), torch.ones(6, 16, dtype=torch.long)
+    out = model(images, ids, mask, 3, with_patches=True)
+    log_p = torch.log_softmax(out.image_levels, -1)[:, 2:3].expand(2, 3)
+    assert torch.allclose(out.rewards, 2.0 * log_p, atol=1e-4)
+    batch = TrainBatch(None, [], 3, None, np.array([0, 3]), np.array([[0, 1, 2], [3, 0, 1]]))
+    torch.nn.init.normal_(scorer.text_level.weight)   # let the text side's gradient through again
+    model.train()
+    level_term(model(images, ids, mask, 3, with_patches=True), batch, 1.0).backward()
+    assert model.image_encoder.project.weight.grad.abs().sum() > 0     # the image side learns the level
+    assert model.text_encoder.pool.queries.grad.abs().sum() > 0          # and the text side what it states

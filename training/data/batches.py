@@ -47,6 +47,10 @@ class CandidateSet:
         """(B, 3) type/location/severity classes where the frame's facts are known, else None."""
         return None
 
+    def level_labels(self, idx: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """((B,) frame levels, (B, C) levels the candidates state) where known, else (None, None)."""
+        return None, None
+
 
 @dataclass
 class ElpvSet(CandidateSet):
@@ -57,11 +61,19 @@ class ElpvSet(CandidateSet):
     def truth(self, i: int) -> int:
         return entry_index(self.catalog, int(self.levels[i]), self.types[i])
 
+    def order(self, i: int) -> list[int]:
+        """Catalog entries in candidate order: the right entry first, then every other."""
+        return [self.truth(i)] + [j for j in range(len(self.catalog.entries)) if j != self.truth(i)]
+
+    def level_labels(self, idx):
+        entry_levels = [round(e.facts["level"] * 3) for e in self.catalog.entries]
+        stated = [[entry_levels[j] for j in self.order(int(i))] for i in idx]
+        return np.asarray(self.levels)[idx].astype(np.int64), np.array(stated, np.int64)
+
     def texts(self, i, rng, heldout=False, display=False):
         """The right entry first, then every other entry, one phrasing each."""
-        order = [self.truth(i)] + [j for j in range(len(self.catalog.entries)) if j != self.truth(i)]
         out = []
-        for j in order:
+        for j in self.order(i):
             entry = self.catalog.entries[j]
             pool = entry.heldout if heldout else (entry.texts[:1] if display else entry.texts)
             out.append(pool[rng.integers(len(pool))])
