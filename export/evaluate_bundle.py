@@ -61,6 +61,7 @@ def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: in
         m, ordered = elpv_metrics(rewards, data)
         if not prefix:
             m.update(operator_metrics(manifest, catalog, patches, rewards, blank, data.levels))
+            m["escape_curve"] = escape_curve(manifest, catalog, patches, rewards, blank, data.levels)
             m["robustness"] = robustness_metrics(backend, tokenizer, spec, data, catalog, manifest, rewards)
             metrics["platform"] = platform_record(backend.provider)
         scorer = backend_set_scorer(backend, tokenizer, spec, seed, known={id(data): patches})
@@ -135,6 +136,44 @@ def operator_metrics(manifest: dict, catalog, patches, rewards, blank, levels, *
     return flag_outcomes(defective[rewards.argmax(1)], np.asarray(levels) >= 2, flagged)
 
 
+def escape_curve(manifest: dict, catalog, patches, rewards, blank, levels, steps: int = 49) -> dict:
+    """Defective cells escaping against the share of parts flagged, as the possible-defect
+    threshold `p_defect` sweeps from 0.02 to 0.98 (the other thresholds as in the bundle), and
+    the bundle's own point: the trade a quality engineer moves along with `thresholds: {p_defect: ...}`."""
+    points = []
+    for p in np.linspace(0.02, 0.98, steps):
+        outcome = operator_metrics(manifest, catalog, patches, rewards, blank, levels, p_defect=float(p))
+        points.append({"p_defect": round(float(p), 4), "flag_rate": outcome["flag_rate"],
+                       "defective_escape_rate": outcome["defective_escape_rate"]})
+    chosen = operator_metrics(manifest, catalog, patches, rewards, blank, levels)
+    return {"points": points, "chosen": {"p_defect": manifest["thresholds"].get("p_defect"),
+                                         "flag_rate": chosen["flag_rate"],
+                                         "defective_escape_rate": chosen["defective_escape_rate"]}}
+
+
+def plot_escape_curve(curve: dict, path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    flags = [100 * p["flag_rate"] for p in curve["points"]]
+    escapes = [100 * p["defective_escape_rate"] for p in curve["points"]]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(flags, escapes, marker=".", label="p_defect from 0.02 to 0.98")
+    chosen = curve["chosen"]
+    ax.plot([100 * chosen["flag_rate"]], [100 * chosen["defective_escape_rate"]], "o", color="crimson",
+            markersize=9, label=f"this bundle (p_defect {chosen['p_defect']})")
+    ax.axhline(5, color="grey", linestyle=":", label="5 % escapes")
+    ax.axvline(25, color="grey", linestyle="--", label="25 % flagged")
+    ax.set_xlabel("parts flagged for review (%)")
+    ax.set_ylabel("defective cells escaping (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def evaluate_bundle_cli(args) -> int:
     """`linejudge eval --model <bundle>`: metrics JSON, headline figures printed."""
     out, precision = Path(args.json), getattr(args, "precision", None) or "both"
@@ -155,7 +194,9 @@ def evaluate_bundle_cli(args) -> int:
     for k in OPERATOR_KEYS:
         print(f"{k:28s} {flat} {metrics[k]:.4f}" if metrics[k] is not None else f"{k:28s} {flat} -")
     print_robustness(metrics["robustness"], flat)
-    print(f"metrics -> {out}")
+    plot = plot_escape_curve(metrics["escape_curve"], out.with_name(out.stem + "_escapes.png"),
+                             f"{metrics['model_version']} on {metrics['split']} ({flat} graphs)")
+    print(f"metrics -> {out}\nescapes against flags -> {plot}")
     return 0
 
 

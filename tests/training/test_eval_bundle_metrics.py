@@ -68,6 +68,20 @@ def test_bundle_eval_cli_writes_the_json_for_one_precision(tiny_bundle, tmp_path
     metrics = json.loads(out.read_text())
     assert metrics["precision"] == "fp32" and "image_swap_accuracy" in metrics and "platform" in metrics
     assert "image_swap_accuracy" in result.stdout
+    assert (tmp_path / "eval_escapes.png").stat().st_size > 1000, "the escapes-against-flags plot is missing"
+
+
+def test_escape_curve_trades_flags_for_escapes_and_marks_the_bundles_point(both):
+    """A higher p_defect flags fewer parts and lets at least as many defective cells escape."""
+    curve = both["escape_curve"]
+    points = curve["points"]
+    assert [p["p_defect"] for p in points] == sorted(p["p_defect"] for p in points) and len(points) == 49
+    flags = [p["flag_rate"] for p in points]
+    escapes = [p["defective_escape_rate"] for p in points]
+    assert all(a >= b for a, b in zip(flags, flags[1:])), flags
+    assert all(a <= b for a, b in zip(escapes, escapes[1:])), escapes
+    assert curve["chosen"]["flag_rate"] == both["flag_rate"]
+    assert curve["chosen"]["defective_escape_rate"] == both["defective_escape_rate"]
 
 
 def test_precision_is_refused_for_a_checkpoint(tiny_run, tmp_path):
