@@ -333,51 +333,74 @@ def _prune_bundles(bundles_dir: Path) -> None:
 
 
 def _update_model(s: _Session, cfg, store, swap: Swap, model: dict, retry_rejected: bool) -> None:
+    """One pass of the model update: is there an offer worth taking, download and verify it,
+    then let the running appliance try it (`swap`) and keep or reject it. `model` is filled
+    with what happened (action, reason, versions) for the sync report."""
     installed = model["installed"] = installed_version(cfg, store)
     line = quote(cfg.line, safe="")
-    resp = s.request("GET", f"/v1/lines/{line}/manifest", "fetching the latest manifest", allow=(404,))
-    if resp.status_code == 404:
+    offer = _fetch_offer(s, line)
+    if offer is None:
         model.update(action="none", reason=f"HQ has no bundle for line {cfg.line}")
         return
-    raw = resp.content
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise ModelError(f"the manifest HQ serves is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} limit")
-    manifest = _parse_offer(raw)
-    offered = manifest["version"]
-    model["offered"] = offered
-    if manifest.get("line") != cfg.line:
-        model.update(action="refused", reason=f"HQ offers a bundle for line {manifest.get('line')!r}, "
-                                              f"this appliance runs {cfg.line!r}")
+    raw, manifest = offer
+    offered = model["offered"] = manifest["version"]
+    stop = _offer_problem(cfg, store, manifest, installed, retry_rejected)
+    if stop is not None:
+        model.update(action=stop[0], reason=stop[1])
         return
-    if installed is not None and offered < installed:
-        model.update(action="refused", reason=f"HQ offers version {offered}, below the installed "
-                                              f"{installed}: downgrades are not installed")
-        return
-    if installed is not None and offered == installed:
-        model.update(action="up-to-date", reason="")
-        return
-    rejected = [m for m in store.model_states() if m["version"] == offered and m["state"] == "rejected"
-                and (m["reason"] or "").startswith("swap: ")]      # verification failures are retried
-    if rejected and not retry_rejected:
-        model.update(action="skipped", reason=f"version {offered} was rejected before: {rejected[0]['reason']}")
-        return
-
     files = [(e["path"], e["bytes"]) for e in manifest["files"]]
     total = sum(size for _, size in files)
     if total > MAX_BUNDLE_BYTES:
         raise ModelError(f"bundle v{offered} is {total} bytes, over the {MAX_BUNDLE_BYTES}-byte limit; "
                          "not downloading it")
-    base = f"/v1/lines/{line}/bundles/{offered}/"
-    sig = s.request("GET", base + lib.SIGNATURE, "fetching manifest.sig").content[:MAX_SIGNATURE_BYTES]
     try:
-        _check_signature(raw, sig, cfg.key_files())
+        work = _download_verified(s, cfg, raw, files, f"/v1/lines/{line}/bundles/{offered}/")
+        model["downloaded_bytes"] = total
+        try:
+            staged, verified = models_install.stage(work, cfg.bundles_dir, cfg.key_files(), cfg.line, installed)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     except ModelError as exc:
         store.record_model(offered, "rejected", f"verify: {exc}")
         model.update(action="rejected", reason=str(exc))
         return
+    _try_and_keep(cfg, store, swap, model, staged, verified, offered)
 
+
+def _fetch_offer(s: _Session, line: str) -> tuple[bytes, dict] | None:
+    """HQ's latest manifest for this line (raw bytes and parsed), or None when it has none."""
+    resp = s.request("GET", f"/v1/lines/{line}/manifest", "fetching the latest manifest", allow=(404,))
+    if resp.status_code == 404:
+        return None
+    raw = resp.content
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ModelError(f"the manifest HQ serves is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    return raw, _parse_offer(raw)
+
+
+def _offer_problem(cfg, store, manifest: dict, installed: int | None, retry_rejected: bool) -> tuple[str, str] | None:
+    """(action, reason) when the offered bundle is not to be downloaded, else None."""
+    offered = manifest["version"]
+    if manifest.get("line") != cfg.line:
+        return "refused", f"HQ offers a bundle for line {manifest.get('line')!r}, this appliance runs {cfg.line!r}"
+    if installed is not None and offered < installed:
+        return "refused", f"HQ offers version {offered}, below the installed {installed}: downgrades are not installed"
+    if installed is not None and offered == installed:
+        return "up-to-date", ""
+    rejected = [m for m in store.model_states() if m["version"] == offered and m["state"] == "rejected"
+                and (m["reason"] or "").startswith("swap: ")]      # verification failures are retried
+    if rejected and not retry_rejected:
+        return "skipped", f"version {offered} was rejected before: {rejected[0]['reason']}"
+    return None
+
+
+def _download_verified(s: _Session, cfg, raw: bytes, files: list[tuple[str, int]], base: str) -> Path:
+    """Check the manifest's signature, then download every listed file (resuming a partial
+    download of the same manifest) into state_dir/downloads; ModelError on any failure."""
+    sig = s.request("GET", base + lib.SIGNATURE, "fetching manifest.sig").content[:MAX_SIGNATURE_BYTES]
+    _check_signature(raw, sig, cfg.key_files())
     downloads = Path(cfg.state_dir) / "downloads"
-    work = downloads / f"{cfg.line}-v{offered}"
+    work = downloads / f"{cfg.line}-v{_parse_offer(raw)['version']}"
     for old in (downloads.iterdir() if downloads.is_dir() else ()):
         if old != work:
             shutil.rmtree(old, ignore_errors=True)
@@ -389,21 +412,15 @@ def _update_model(s: _Session, cfg, store, swap: Swap, model: dict, retry_reject
     try:
         for path, size in files:
             _download(s, base + quote(path), work / path, size)
-    except ModelError as exc:
+    except ModelError:
         shutil.rmtree(work, ignore_errors=True)
-        store.record_model(offered, "rejected", f"verify: {exc}")
-        model.update(action="rejected", reason=str(exc))
-        return
-    model["downloaded_bytes"] = total
+        raise
+    return work
 
-    try:
-        staged, verified = models_install.stage(work, cfg.bundles_dir, cfg.key_files(), cfg.line, installed)
-    except ModelError as exc:
-        store.record_model(offered, "rejected", f"verify: {exc}")
-        model.update(action="rejected", reason=str(exc))
-        return
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+def _try_and_keep(cfg, store, swap: Swap, model: dict, staged: Path, verified: dict, offered: int) -> None:
+    """The running appliance tries the staged bundle; kept (switched to, older ones pruned),
+    rejected, or deferred to the next pass when the trial was inconclusive."""
     try:
         outcome = swap(staged, verified)
         ok, reason = (outcome if isinstance(outcome, tuple) else (bool(outcome), ""))
