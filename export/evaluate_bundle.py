@@ -195,7 +195,7 @@ def evaluate_bundle_cli(args) -> int:
         print(f"{k:28s} {flat} {metrics[k]:.4f}" if metrics[k] is not None else f"{k:28s} {flat} -")
     print_robustness(metrics["robustness"], flat)
     plot = plot_escape_curve(metrics["escape_curve"], out.with_name(out.stem + "_escapes.png"),
-                             f"{metrics['model_version']} on {metrics['split']} ({flat} graphs)")
+                             f"bundle v{metrics['model_version']} on {metrics['split']} ({flat} graphs)")
     print(f"metrics -> {out}\nescapes against flags -> {plot}")
     return 0
 
