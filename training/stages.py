@@ -231,34 +231,15 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
     start, best, history = _resume(stage_dir / "checkpoint.pt", model, proxy, optim, head)
     initial = _trainable_snapshot(trained)
     step_fn = STEPS[stage.name]
+
+    def run_step(batch: TrainBatch) -> torch.Tensor:
+        return step_fn(wrapped, wrapped_proxy, teacher, wrapped_head, enc, stage, batch)
     for epoch in range(start, stage.epochs):
-        rng = np.random.default_rng([seed, epoch])
-        steps = _count_steps(train_sets, stage)
-        sched_lr = stage.lr * 0.5 * (1 + np.cos(np.pi * epoch / stage.epochs))
-        for group in optim.param_groups:
-            group["lr"] = sched_lr
-        for m in optimized:
-            m.train()
-        bar = tqdm(_mixed_batches(train_sets, stage.batch_size, rng, stage.max_steps_per_epoch),
-                   total=steps, desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
-                   disable=not distributed.is_main(), dynamic_ncols=True)
-        losses = []
-        for batch in bar:
-            loss = step_fn(wrapped, wrapped_proxy, teacher, wrapped_head, enc, stage, batch)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        losses = _train_epoch(stage, epoch, seed, train_sets, optim, params, optimized, run_step)
         for m in trained:
             distributed.sync_buffers(m)   # every rank validates (and keeps) the same model
         val = pairwise_accuracy(model, enc, val_sets, seed=seed, blank=stage.name == "text")
-        window = max(1, len(losses) // 5)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_pairwise_accuracy": val,
-                        "loss_first": float(np.mean(losses[:window])),
-                        "loss_last": float(np.mean(losses[-window:])),
-                        **(val_extra(model) if val_extra is not None else {})})
+        history.append({**_epoch_record(epoch, losses, val), **(val_extra(model) if val_extra is not None else {})})
         key = SELECT_BY[stage.select]
         if best is None or history[-1][key] >= best.get(key, -np.inf):
             best = {**history[-1], "model": copy.deepcopy(model.state_dict()),
@@ -275,6 +256,12 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
         proxy.load_state_dict(best["proxy"])
     unchanged = [n for n, p in _trainable_snapshot(trained).items()
                  if n in initial and torch.equal(p, initial[n])] if start == 0 else []
+    return _finish_stage(stage, stage_dir, model, proxy, history, best, unchanged)
+
+
+def _finish_stage(stage: StageConfig, stage_dir: Path, model, proxy, history: list, best: dict,
+                  unchanged: list[str]) -> dict:
+    """Save the kept epoch's model (and proxy) and done.json, which marks the stage finished."""
     metrics = {"stage": stage.name, "config": asdict(stage), "history": history,
                "unchanged_parameters": unchanged,
                "best_epoch": best["epoch"], "selected_by": SELECT_BY[stage.select],
@@ -283,8 +270,37 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
         save_model(model, stage_dir / "model")
         if proxy is not None:
             save_model(proxy, stage_dir / "proxy")
-        done.write_text(json.dumps(metrics, indent=2) + "\n")
+        (stage_dir / "done.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _train_epoch(stage: StageConfig, epoch: int, seed: int, train_sets, optim, params, optimized,
+                 run_step: Callable[[TrainBatch], torch.Tensor]) -> list[float]:
+    """One epoch over the mixed batches at this epoch's cosine learning rate; the step losses."""
+    rng = np.random.default_rng([seed, epoch])
+    for group in optim.param_groups:
+        group["lr"] = stage.lr * 0.5 * (1 + np.cos(np.pi * epoch / stage.epochs))
+    for m in optimized:
+        m.train()
+    bar = tqdm(_mixed_batches(train_sets, stage.batch_size, rng, stage.max_steps_per_epoch),
+               total=_count_steps(train_sets, stage), desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
+               disable=not distributed.is_main(), dynamic_ncols=True)
+    losses = []
+    for batch in bar:
+        loss = run_step(batch)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    return losses
+
+
+def _epoch_record(epoch: int, losses: list[float], val_pairwise: float) -> dict:
+    window = max(1, len(losses) // 5)
+    return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_pairwise_accuracy": val_pairwise,
+            "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:]))}
 
 
 def _trainable_snapshot(models) -> dict[str, torch.Tensor]:
