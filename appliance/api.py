@@ -6,6 +6,7 @@ sends can stop the inspection loop.
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -63,10 +64,14 @@ async def _read_body(request: Request) -> bytes:
 
 
 async def _read_request(request: Request) -> tuple[bytes, list[str], bool]:
-    """multipart/form-data (image file + candidates JSON) or a raw image body."""
+    """multipart/form-data (image file + candidates JSON) or a raw image body. Text that is not
+    valid UTF-8 (in the query string or a form's text fields) raises UnicodeDecodeError: it is
+    refused, never decoded with replacement characters or as Latin-1."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form(max_part_size=MAX_IMAGE_BYTES)
+        body = await _read_body(request)
+        _check_form_text(body, ctype)
+        form = await _replay(request, body).form(max_part_size=MAX_IMAGE_BYTES)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise BadFrame("send the frame as a file field named 'image'")
@@ -77,9 +82,37 @@ async def _read_request(request: Request) -> tuple[bytes, list[str], bool]:
         return image, _parse_candidates(form.get("candidates")), only
     if ctype.startswith("application/json"):
         raise BadFrame("send the frame as multipart/form-data (field 'image') or as a raw image/* body")
+    query = _strict_query(request.scope.get("query_string", b""))
     body = await _read_body(request)
-    cands = request.query_params.get("candidates")
-    return body, _parse_candidates(cands), False
+    return body, _parse_candidates(query.get("candidates", [None])[-1]), False
+
+
+def _strict_query(raw: bytes) -> dict[str, list[str]]:
+    """A query string or urlencoded body, percent-decoded as strict UTF-8."""
+    return parse_qs(raw.decode("ascii"), keep_blank_values=True, errors="strict")
+
+
+def _check_form_text(body: bytes, ctype: str) -> None:
+    """Every text field (a part without a filename) of a multipart body, or every value of an
+    urlencoded one, must be valid UTF-8; raises UnicodeDecodeError otherwise."""
+    if ctype.startswith("application/x-www-form-urlencoded"):
+        _strict_query(body)
+        return
+    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in ctype.split(";")[1:]
+                     if p.strip().lower().startswith("boundary=")), None)
+    if not boundary:
+        return                              # the form parser refuses it
+    for part in body.split(b"--" + boundary.encode("latin-1")):
+        head, separator, content = part.partition(b"\r\n\r\n")
+        if separator and b"filename=" not in head.lower():
+            content.removesuffix(b"\r\n").decode("utf-8")
+
+
+def _replay(request: Request, body: bytes) -> Request:
+    """The same request with its body, already read (and size-checked), offered again."""
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+    return Request(request.scope, receive)
 
 
 def create_api(appliance) -> FastAPI:

@@ -125,3 +125,33 @@ def test_appliance_path_never_imports_torch(tiny_bundle):
             "bad=[m for m in ('torch','transformers','optimum') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("how", ["query", "multipart", "urlencoded"])
+def test_candidates_that_are_not_utf8_are_refused_not_mangled(client, how):
+    """Latin-1 bytes (\\xff\\xfe) in a candidate: 400, never scored as 'ÿþ crack' or U+FFFD."""
+    frame = png(np.full((32, 32), 90, np.uint8))
+    bad = b'["\xff\xfe crack"]'
+    if how == "query":
+        r = client.post("/v1/score?candidates=%5B%22%FF%FE%20crack%22%5D", content=frame,
+                        headers={"content-type": "image/png"})
+    elif how == "multipart":
+        boundary = b"linejudge-test"
+        body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="candidates"\r\n\r\n' + bad +
+                b"\r\n--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; filename="f.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + frame + b"\r\n--" + boundary + b"--\r\n")
+        r = client.post("/v1/score", content=body,
+                        headers={"content-type": "multipart/form-data; boundary=linejudge-test"})
+    else:
+        r = client.post("/v1/score", content=b"candidates=%5B%22%FF%FE%20crack%22%5D",
+                        headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"], (r.status_code, r.text)
+
+
+def test_utf8_candidates_in_a_form_are_scored_and_a_wrong_method_is_405(client):
+    frame = png(np.full((32, 32), 90, np.uint8))
+    r = client.post("/v1/score", files={"image": ("f.png", frame, "image/png")},
+                    data={"candidates": json.dumps(["Riß im Glas, oben links"])})
+    assert r.status_code == 200 and any(row["text"] == "Riß im Glas, oben links" for row in r.json()["ranking"])
+    assert client.get("/v1/score").status_code == 405
+    assert client.put("/healthz").status_code == 405
