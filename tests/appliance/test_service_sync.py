@@ -19,6 +19,7 @@ from appliance import service
 from appliance.service import STOP_JOIN_S, Appliance
 from appliance.store import Store
 from models import bundle as lib
+from tests.helpers import BackgroundServer
 from training.hq import server as hq
 
 APPLIANCE_ID = "a1"
@@ -72,7 +73,7 @@ def hq_server(tmp_path):
     state = tmp_path / "hq"
     token_file = tmp_path / "hq-token"
     token_file.write_text(hq.add_appliance(state, APPLIANCE_ID) + "\n")
-    with hq.BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as server:
+    with BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as server:
         yield state, server, token_file
 
 

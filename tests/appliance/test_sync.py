@@ -19,6 +19,7 @@ from appliance.config import ApplianceConfig
 from appliance.store import Store
 from appliance.sync import RetryPolicy, sync_once
 from models import bundle as lib
+from tests.helpers import BackgroundServer
 from training.hq import server as hq
 
 LINE = "el-solar"
@@ -214,7 +215,7 @@ def world(tmp_path, hq_store):
     token = hq.add_appliance(state, "a1")
     private, public = lib.generate_keypair(tmp_path / "keys", "hq")
     v1 = make_bundle(tmp_path / "src", private, 1)
-    with hq.BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as srv:
+    with BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as srv:
         yield {"state": state, "token": token, "private": private, "public": public, "v1": v1,
                "srv": srv, "tmp": tmp_path}
     state.close()

@@ -17,6 +17,7 @@ from export.build_bundle import export_with_settings
 from models import bundle as lib
 from training.config import load_config
 from training.data import elpv
+from tests.helpers import BackgroundServer
 from training.hq import server as hq
 from training.hq.retrain import RetrainError, RetrainOptions, gate, retrain, split_by_inspection
 
@@ -60,7 +61,7 @@ def fleet(tiny_run, tiny_bundle, tmp_path, hq_store):
     state = hq.open_state(tmp_path / "hq", hq_store)
     tokens = {name: hq.add_appliance(state, name) for name in ("a1", "a2")}
     hq.publish_bundle(state, bundle)
-    with hq.BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as srv:
+    with BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as srv:
         apps = {name: _appliance(tmp_path, name, bundle, public, srv.url, tokens[name]) for name in tokens}
         yield {"state": state, "apps": apps, "public": public, "private": public.with_suffix(".key"),
                "key_id": public.stem, "run": tiny_run[0], "tmp": tmp_path}

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from models import bundle as lib
+from tests.helpers import BackgroundServer
 from training.hq import server as hq
 
 LINE = "el-solar"
@@ -53,7 +54,7 @@ def env(tmp_path, request):
     private, public = lib.generate_keypair(tmp_path / "keys", "hq")
     bundle = make_bundle(tmp_path / "src", private, 2)
     published = hq.publish_bundle(state, bundle, key_files=[public])
-    with hq.BackgroundServer(hq.create_hq_app(state, admin_token=ADMIN)) as srv, \
+    with BackgroundServer(hq.create_hq_app(state, admin_token=ADMIN)) as srv, \
             httpx.Client(base_url=srv.url, timeout=10) as client:
         yield {"state": state, "tokens": tokens, "client": client, "srv": srv, "bundle": bundle,
                "published": published, "keys": (private, public), "tmp": tmp_path}
@@ -148,7 +149,7 @@ def test_fleet_needs_the_admin_token(env):
 def test_fleet_disabled_without_admin_token(tmp_path):
     state = tmp_path / "hq"
     token = hq.add_appliance(state, "a1")
-    with hq.BackgroundServer(hq.create_hq_app(state)) as srv, httpx.Client(base_url=srv.url) as c:
+    with BackgroundServer(hq.create_hq_app(state)) as srv, httpx.Client(base_url=srv.url) as c:
         assert c.get("/v1/fleet", headers=auth(token)).status_code == 403
         r = c.get("/v1/fleet", headers=auth("anything"))
         assert r.status_code == 403 and "admin token" in r.json()["detail"]

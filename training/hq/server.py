@@ -27,9 +27,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
-import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -494,34 +491,3 @@ def create_hq_app(state: HQState | Path, admin_token: str | None = None) -> Fast
         _bad(401, "unknown token", {"WWW-Authenticate": "Bearer"})
 
     return app
-
-
-# ---------------------------------------------------------------- running in a thread
-
-class BackgroundServer:
-    """uvicorn serving an app on 127.0.0.1 (a free port) in a daemon thread; for tests and tools."""
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="hq-server", daemon=True)
-
-    def __enter__(self) -> "BackgroundServer":
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("HQ server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
