@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from python_multipart.multipart import parse_options_header
 
 from appliance import metrics
 from appliance.errors import BadExplanation, BadFrame, LinejudgeError
@@ -98,11 +99,10 @@ def _check_form_text(body: bytes, ctype: str) -> None:
     if ctype.startswith("application/x-www-form-urlencoded"):
         _strict_query(body)
         return
-    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in ctype.split(";")[1:]
-                     if p.strip().lower().startswith("boundary=")), None)
+    boundary = parse_options_header(ctype)[1].get(b"boundary")
     if not boundary:
         return                              # the form parser refuses it
-    for part in body.split(b"--" + boundary.encode("latin-1")):
+    for part in body.split(b"--" + boundary):
         head, separator, content = part.partition(b"\r\n\r\n")
         if separator and b"filename=" not in head.lower():
             content.removesuffix(b"\r\n").decode("utf-8")

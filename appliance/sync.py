@@ -354,7 +354,7 @@ def _update_model(s: _Session, cfg, store, swap: Swap, model: dict, retry_reject
         raise ModelError(f"bundle v{offered} is {total} bytes, over the {MAX_BUNDLE_BYTES}-byte limit; "
                          "not downloading it")
     try:
-        work = _download_verified(s, cfg, raw, files, f"/v1/lines/{line}/bundles/{offered}/")
+        work = _download_verified(s, cfg, raw, files, offered, f"/v1/lines/{line}/bundles/{offered}/")
         model["downloaded_bytes"] = total
         try:
             staged, verified = models_install.stage(work, cfg.bundles_dir, cfg.key_files(), cfg.line, installed)
@@ -394,13 +394,14 @@ def _offer_problem(cfg, store, manifest: dict, installed: int | None, retry_reje
     return None
 
 
-def _download_verified(s: _Session, cfg, raw: bytes, files: list[tuple[str, int]], base: str) -> Path:
+def _download_verified(s: _Session, cfg, raw: bytes, files: list[tuple[str, int]], offered: int,
+                       base: str) -> Path:
     """Check the manifest's signature, then download every listed file (resuming a partial
     download of the same manifest) into state_dir/downloads; ModelError on any failure."""
     sig = s.request("GET", base + lib.SIGNATURE, "fetching manifest.sig").content[:MAX_SIGNATURE_BYTES]
     _check_signature(raw, sig, cfg.key_files())
     downloads = Path(cfg.state_dir) / "downloads"
-    work = downloads / f"{cfg.line}-v{_parse_offer(raw)['version']}"
+    work = downloads / f"{cfg.line}-v{offered}"
     for old in (downloads.iterdir() if downloads.is_dir() else ()):
         if old != work:
             shutil.rmtree(old, ignore_errors=True)

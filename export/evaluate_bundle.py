@@ -62,7 +62,8 @@ def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: in
         if not prefix:
             m.update(operator_metrics(manifest, catalog, patches, rewards, blank, data.levels))
             m["escape_curve"] = escape_curve(manifest, catalog, patches, rewards, blank, data.levels)
-            m["robustness"] = robustness_metrics(backend, tokenizer, spec, data, catalog, manifest, rewards)
+            m["robustness"] = robustness_metrics(backend, tokenizer, spec, data, catalog, manifest, rewards, blank,
+                                                 m["elpv_binary_accuracy"])
             metrics["platform"] = platform_record(backend.provider)
         scorer = backend_set_scorer(backend, tokenizer, spec, seed, known={id(data): patches})
         sets, syn_r = set_metrics(scorer, syn, data, ordered)

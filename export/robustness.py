@@ -75,11 +75,10 @@ def camera_variation_metrics(backend, tokenizer, spec, data, catalog, base_rewar
     return out
 
 
-def no_part_metrics(backend, tokenizer, spec, catalog, manifest: dict) -> dict:
+def no_part_metrics(backend, tokenizer, spec, catalog, manifest: dict, blank: np.ndarray) -> dict:
+    """`blank`: the catalog's rewards on the blank frame (the image-reliance check), as on the appliance."""
     thresholds = decide.Thresholds.from_manifest(manifest["thresholds"])
     defective = list(catalog_defective(catalog))
-    blank = verify.backend_scores(backend, tokenizer, spec, no_part_frames(spec.image_size)["flat_grey"][None],
-                                  catalog.displays)[0]
     out = {}
     for name, frame in no_part_frames(spec.image_size).items():
         patches, rewards = verify.backend_outputs(backend, tokenizer, spec, frame[None], catalog.displays)
@@ -112,8 +111,10 @@ def outside_phrasing_metrics(backend, tokenizer, spec, data, catalog, catalog_bi
             "gap_points": 100 * (catalog_binary - mean)}
 
 
-def robustness_metrics(backend, tokenizer, spec, data, catalog, manifest: dict, base_rewards: np.ndarray) -> dict:
-    binary = elpv_metrics(base_rewards, data)[0]["elpv_binary_accuracy"]
+def robustness_metrics(backend, tokenizer, spec, data, catalog, manifest: dict, base_rewards: np.ndarray,
+                       blank: np.ndarray, catalog_binary: float) -> dict:
+    """base_rewards (N, K) and blank (K,): the catalog's rewards on the unchanged frames and on the
+    blank frame; catalog_binary: their ELPV binary accuracy (all already computed by the eval)."""
     return {"camera_variations": camera_variation_metrics(backend, tokenizer, spec, data, catalog, base_rewards),
-            "no_part_in_view": no_part_metrics(backend, tokenizer, spec, catalog, manifest),
-            "outside_phrasings": outside_phrasing_metrics(backend, tokenizer, spec, data, catalog, binary)}
+            "no_part_in_view": no_part_metrics(backend, tokenizer, spec, catalog, manifest, blank),
+            "outside_phrasings": outside_phrasing_metrics(backend, tokenizer, spec, data, catalog, catalog_binary)}
