@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from appliance.errors import ConfigError, LinejudgeError
+from models.errors import ConfigError, LinejudgeError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -53,10 +53,10 @@ def cmd_sync(args) -> int:
 
 
 def cmd_hq(args) -> int:
-    from training.hq import server
+    from training.hq import publish, server, state as hq_state
     _require_hq_flags(args)
     database_url = args.database_url or os.environ.get("LINEJUDGE_HQ_DATABASE_URL") or None
-    state = server.open_state(Path(args.state_dir), database_url)
+    state = hq_state.open_state(Path(args.state_dir), database_url)
     try:
         if args.action == "serve":
             import uvicorn
@@ -64,10 +64,10 @@ def cmd_hq(args) -> int:
             app = server.create_hq_app(state, admin_token=token)
             uvicorn.run(app, host=args.host, port=args.port, log_level="info")
         elif args.action == "add-appliance":
-            token = server.add_appliance(state, args.appliance)
+            token = hq_state.add_appliance(state, args.appliance)
             print(f"token for {args.appliance} (store it in the appliance's hq_token_file): {token}")
         elif args.action == "publish":
-            print(f"published {server.publish_bundle(state, Path(args.bundle))}")
+            print(f"published {publish.publish_bundle(state, Path(args.bundle))}")
         else:
             return _hq_retrain(args, state)
         return 0
@@ -332,20 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("linejudge: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # domain errors from modules that cannot import ours
-        message = _known_error(exc)
-        if message is None:
-            raise
-        print(f"linejudge: error: {message}", file=sys.stderr)
-        return 2
-
-
-def _known_error(exc: Exception) -> str | None:
-    """Errors of the model and bundle modules (which stay free of appliance imports)."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if names & {"ModelLoadError", "BundleError", "TestLeakError"}:
-        return str(exc)
-    return None
 
 
 if __name__ == "__main__":

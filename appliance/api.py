@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from python_multipart.multipart import parse_options_header
 
 from appliance import metrics
-from appliance.errors import BadExplanation, BadFrame, LinejudgeError
-from appliance.preprocess import MAX_EXPLANATION_CHARS, decode_image_bytes
+from models.errors import BadExplanation, BadFrame, LinejudgeError
+from models.preprocess import MAX_EXPLANATION_CHARS, decode_image_bytes
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_REQUEST_BYTES = MAX_IMAGE_BYTES + 64 * MAX_EXPLANATION_CHARS     # the frame plus form fields

@@ -21,8 +21,8 @@ from typing import Callable, Protocol
 import cv2
 import numpy as np
 
-from appliance.errors import BadFrame, CaptureError
-from appliance.preprocess import decode_image_bytes
+from models.errors import BadFrame, CaptureError
+from models.preprocess import decode_image_bytes
 
 log = logging.getLogger(__name__)
 

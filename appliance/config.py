@@ -1,14 +1,12 @@
 """Appliance configuration: one YAML file -> a frozen, validated dataclass."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
 from appliance.decide import OPTIONAL_THRESHOLDS, THRESHOLD_NAMES
-from appliance.errors import ConfigError
+from models.common import is_number, is_whole, read_yaml
+from models.errors import ConfigError
 
 GOLDEN_POLICIES = ("fp32", "refuse")     # on_golden_failure (appliance/runtime.open_checked_runtime)
 
@@ -134,16 +132,6 @@ class ApplianceConfig:
         return list(self.trusted_keys) or sorted(DEFAULT_KEYS.glob("*.pub"))
 
 
-def is_number(value) -> bool:
-    """A finite int or float, not a bool (YAML's true/false) and not NaN or infinity."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def is_whole(value) -> bool:
-    """An int, not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 PATH_FIELDS = {"state_dir", "bundle", "hq_token_file"}
 LIST_FIELDS = {"trusted_keys", "providers"}
 
@@ -171,11 +159,5 @@ def config_from_dict(data: dict, where: str = "config") -> ApplianceConfig:
 
 
 def load_config(path: str | Path) -> ApplianceConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"appliance config {path} does not exist; start from systemd/appliance.example.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return config_from_dict(data, str(path))
+    data = read_yaml(path, "appliance config", "start from systemd/appliance.example.yaml")
+    return config_from_dict(data or {}, str(path))

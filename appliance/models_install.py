@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from appliance.errors import ModelError
+from models.errors import ModelError
 from models import bundle as lib
 
 

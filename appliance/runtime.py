@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.candidates import load_catalog, merge_candidates
+from models.catalog import load_catalog, merge_candidates
 from appliance.decide import Decision, Thresholds, decide
-from appliance.errors import ModelError
-from appliance.preprocess import (PreprocessSpec, TextTokenizer, blank_input, frame_problem, frame_to_input,
+from models.errors import ModelError
+from models.preprocess import (PreprocessSpec, TextTokenizer, blank_input, frame_problem, frame_to_input,
                                  normalize, resize_gray)
 from appliance.scoring import open_backend
 from models.platform import cpu_flags, int8_kernel_path
@@ -26,21 +26,15 @@ FREE_TEXT_CACHE = 1024
 BLANK_REWARDS_CACHE = 256     # candidate lists whose blank-frame rewards are kept
 
 # Golden-set tolerance per precision: the largest |reward - recorded reward| over a frame's
-# candidates may be this share of max(1, largest |reward|) (default bundle: rewards up to 3.5).
-# Measured on the default bundle's 8 golden frames, here (AVX2, AVX-512, VNNI) and on an
-# emulated AVX2-only EPYC Rome (qemu-x86_64 -cpu EPYC-Rome), recorded rewards rounded to 1e-5:
-# int8: 0.05. The 7-bit graphs: worst delta 0.0 on both CPUs. The margin covers kernel changes
-#   between onnxruntime releases; the saturating 8-bit graphs showed 3.68 (golden_06) on an
-#   AVX2-only CPU, 20x over it.
-# fp32: 0.01. Worst delta 0.0 here, 1e-5 emulated; ONNX vs torch 5e-6 at export (parity_fp32).
-# fp16 (TensorRT): 0.05, against the fp32 rewards.
+# candidates may be this share of max(1, largest |reward|). The margin covers kernel changes
+# between onnxruntime releases and CPUs, and stays far below a saturating INT8 kernel's error
+# (the measured deltas per CPU: reports/measurements.md).
 GOLDEN_TOLERANCE = {"int8": 0.05, "fp32": 0.01, "fp16": 0.05}
 
 
 def scoring_threads(configured: int | None) -> int:
     """The configured thread count, else all cores but one: capture, storage, the UI and sync
-    need a core too. On 2 cores (pipeline bench, 12 s runs): 549-571 frames/s with one scoring
-    thread, 526-541 with two."""
+    need a core too (`linejudge bench --pipeline` compares: reports/measurements.md)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     return configured or max(1, usable - 1)       # affinity: a CPUAffinity= or cpuset limits it
 

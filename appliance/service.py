@@ -27,7 +27,8 @@ import numpy as np
 from appliance import metrics, models_install
 from appliance.capture import LatestFrameGrabber, open_source
 from appliance.config import ApplianceConfig
-from appliance.errors import BadExplanation, BadFrame, CaptureError, ModelError, TrialInconclusive
+from models.errors import BadExplanation, BadFrame, CaptureError
+from appliance.hot_swap import HotSwap, Stopping, SwapTrial
 from appliance.runtime import Judgement, ModelRuntime, open_checked_runtime
 from appliance.store import PRUNE_BATCH, Store
 from appliance.sync import sync_once
@@ -51,38 +52,6 @@ def sd_notify(message: str) -> bool:
         sock.connect(address)
         sock.sendall(message.encode())
     return True
-
-
-class _Stopping(BaseException):
-    """stop() interrupted a sync pass (a backoff wait or a model trial). It unwinds sync_once
-    without recording a verdict on the offered bundle, so the next start tries it again; a
-    BaseException so that the pass's catch-all handlers do not log it as a failed install."""
-
-
-class SwapTrial:
-    """A hot-swapped runtime on probation. Counts the inspections (camera loop or API) it judged
-    and committed, keeps the first error it raised, and sets `done` once it has enough healthy
-    ones or an error. Bad input (BadFrame, BadExplanation) counts neither way."""
-
-    def __init__(self, runtime: ModelRuntime, needed: int):
-        self.runtime, self.needed = runtime, needed
-        self.healthy, self.error = 0, None
-        self.done = threading.Event()
-        self._lock = threading.Lock()
-
-    def record(self, runtime: ModelRuntime, error: BaseException | None = None) -> None:
-        """One inspection judged by `runtime` (ignored unless it is the runtime on trial)."""
-        if runtime is not self.runtime:
-            return
-        with self._lock:
-            if self.done.is_set():
-                return
-            if error is not None:
-                self.error = f"inspection failed with {type(error).__name__}: {error}"
-            else:
-                self.healthy += 1
-            if error is not None or self.healthy >= self.needed:
-                self.done.set()
 
 
 class FpsWindow:
@@ -126,8 +95,11 @@ class Appliance:
         self._thread: threading.Thread | None = None
         self._sync_thread: threading.Thread | None = None
         self._prune_thread: threading.Thread | None = None
-        self._swap_lock = threading.Lock()           # one hot swap at a time
-        self._trial: SwapTrial | None = None         # the hot-swapped runtime awaiting commit
+        self._hot_swap = HotSwap(
+            open_runtime=lambda bundle, manifest: self._open_runtime(bundle, manifest),
+            current=lambda: self.runtime, swap_in=lambda runtime: self.swap_model(runtime),
+            captured=self._captured, stopping=self._stop, lock=self._lock,
+            needed=cfg.commit_after_inspections, timeout_s=cfg.commit_timeout_s)
         self.last_sync: dict | None = None           # the last in-process sync pass's result
         self.extra_candidates: list[str] | None = None   # e.g. an upstream generator's best-of-N
 
@@ -155,59 +127,9 @@ class Appliance:
         metrics.model_loaded(runtime)
 
     def hot_swap(self, staged: Path, manifest: dict) -> tuple[bool, str]:
-        """sync_once's swap in the running service: load the staged (verified) bundle, run its
-        golden-set check, swap it in, and keep it once it has judged commit_after_inspections
-        inspections without an error within commit_timeout_s; otherwise swap the old model back.
-        Returns (ok, reason); sync_once then switches `current` or records the rejection."""
-        with self._swap_lock:
-            if self._stop.is_set():
-                raise _Stopping("the appliance is stopping")
-            try:
-                candidate = self._open_runtime(staged, manifest)
-            except ModelError as exc:
-                return False, str(exc)
-            old, trial = self.runtime, SwapTrial(candidate, self.cfg.commit_after_inspections)
-            with self._lock:
-                self._trial = trial
-            self.swap_model(candidate)
-            log.info("model v%s swapped in for v%s; on trial for %d inspections",
-                     candidate.version, old.version, trial.needed)
-            try:
-                problem = self._await_trial(trial)
-            except BaseException:
-                self.swap_model(old)
-                raise
-            finally:
-                with self._lock:
-                    self._trial = None
-        if problem:
-            self.swap_model(old)
-            log.warning("model v%s rolled back to v%s: %s", candidate.version, old.version, problem)
-            return False, f"rolled back to v{old.version}: {problem}"
-        log.info("model v%s committed after %d healthy inspections", candidate.version, trial.healthy)
-        return True, ""
-
-    def _await_trial(self, trial: SwapTrial) -> str | None:
-        """Wait for the trial's verdict: None when healthy, else why the model is rejected (an
-        error, or too slow: the camera delivered enough frames but the model judged too few in
-        time). A trial that ran out of time because too few frames came (the line paused)
-        proves nothing against the model: TrialInconclusive, offered again on the next pass."""
-        deadline = time.monotonic() + self.cfg.commit_timeout_s
-        captured_before = self._captured()
-        while not trial.done.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic()))):
-            if self._stop.is_set():
-                raise _Stopping("the appliance stopped during a model trial")
-            if time.monotonic() >= deadline:
-                return self._trial_timed_out(trial, self._captured() - captured_before)
-        return trial.error
-
-    def _trial_timed_out(self, trial: SwapTrial, delivered: int) -> str:
-        judged = (f"only {trial.healthy} of {trial.needed} inspections judged within "
-                  f"commit_timeout_s={self.cfg.commit_timeout_s:g} s")
-        if delivered >= trial.needed:
-            return f"too slow: {judged} while the camera delivered {delivered} frames"
-        raise TrialInconclusive(f"{judged}: the camera delivered {delivered} frames (line idle?); the old "
-                                "model is back and the new one is tried again on the next sync pass")
+        """sync_once's swap in the running service (appliance/hot_swap.py): try the staged bundle
+        on live inspections, keep it or swap the old model back; returns (ok, reason)."""
+        return self._hot_swap(staged, manifest)
 
     def _captured(self) -> int:
         return self._grabber.captured if self._grabber else 0
@@ -223,7 +145,7 @@ class Appliance:
                only_extra: bool = False) -> tuple[Judgement, ModelRuntime, SwapTrial | None]:
         """The CPU half of an inspection: the current model's judgement (nothing stored yet)."""
         with self._lock:
-            runtime, trial = self.runtime, self._trial
+            runtime, trial = self.runtime, self._hot_swap.trial
         try:
             return runtime.judge(frame, extra, only_extra), runtime, trial
         except (BadFrame, BadExplanation):
@@ -342,7 +264,7 @@ class Appliance:
                 self.last_sync = sync_once(self.cfg, self.store, swap=self.hot_swap,
                                            sleep=self._sleep_unless_stopping, report=self.runtime_report)
                 _log_sync(self.last_sync)
-            except _Stopping as exc:
+            except Stopping as exc:
                 log.info("sync pass ended: %s; an offered bundle is tried again on the next start", exc)
                 return
             except Exception:  # a failed sync never stops inspection
@@ -352,7 +274,7 @@ class Appliance:
     def _sleep_unless_stopping(self, seconds: float) -> None:
         """sync_once's backoff wait; ends the pass at once when stop() is called."""
         if self._stop.wait(seconds):
-            raise _Stopping("the appliance is stopping")
+            raise Stopping("the appliance is stopping")
 
     def seconds_since_progress(self) -> float:
         return time.monotonic() - self.live.last_progress

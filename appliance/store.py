@@ -5,38 +5,36 @@ style); callers get a concurrent.futures.Future, and the blocking methods wait o
 returned id is committed. Reads use one connection per calling thread. Frames are files
 content-addressed by sha256 (frames_dir/ab/abcd....png; rows keep the relative path),
 written before the row that names them. Frames of unsent outbox rows are never pruned.
+Which frames go is appliance/frame_retention.py; operator PINs are appliance/operators.py.
+Both reach the database only through this store, so every write stays on its writer thread.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
-import hmac
 import json
 import logging
-import math
-import os
 import queue
-import secrets
 import sqlite3
 import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Self
 
 import sqlite_utils
 
-from appliance.errors import StoreError
-from models.bundle import write_file_atomic
+from appliance.frame_retention import PRUNE_BATCH, delete_frames, forget_victims, scan_frames
+from appliance.operators import OperatorPins
+from models.errors import StoreError
+from models.common import to_iso, utc, write_file_atomic
 
 log = logging.getLogger(__name__)
 
 DISK_FULL_ALARM = "disk full: frames are not being saved"
 MODEL_STATES = ("active", "previous", "rejected")
-MAX_PIN_FAILURES, LOCKOUT_SECONDS = 5, 300
-ORPHAN_GRACE_SECONDS = 300      # a frame file with no row yet may belong to a write in flight
 
 
 def _create_tables(db: sqlite_utils.Database) -> None:
@@ -68,14 +66,7 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite_utils.Database], None] | str]] = [
            CREATE INDEX reviews_inspection ON reviews(inspection_id)"""),
 ]
 
-PRUNE_BATCH = 500      # frame files deleted per write transaction
-
 INSERT_SCORE = "INSERT INTO scores (inspection_id, candidate, text, score, rank) VALUES (?, ?, ?, ?, ?)"
-
-FRAME_REFS_SQL = """SELECT frame_path, max(ts) AS last_ts, max(id) AS last_id,
-  max(EXISTS (SELECT 1 FROM outbox o WHERE o.inspection_id = i.id AND o.sent_at IS NULL)) AS keep,
-  max(flagged = 1 AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id)) AS awaiting_review
-FROM inspections i WHERE frame_path IS NOT NULL GROUP BY frame_path"""
 
 
 @contextmanager
@@ -103,22 +94,9 @@ def apply_migrations(db: sqlite_utils.Database) -> list[int]:
             else:
                 for sql in filter(str.strip, step.split(";")):
                     db.execute(sql)
-            db.execute("INSERT INTO schema_migrations VALUES (?, ?)", [number, _iso(_utcnow())])
+            db.execute("INSERT INTO schema_migrations VALUES (?, ?)", [number, to_iso()])
             applied.append(number)
     return applied
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _iso(moment: datetime) -> str:
-    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _hash_pin(pin: str, salt: bytes) -> str:
-    return hashlib.scrypt(str(pin).encode(), salt=salt, n=2 ** 14, r=8, p=1, dklen=32).hex()
 
 
 def _score_rows(ranking: list[tuple[str, float]]) -> list[tuple]:
@@ -147,30 +125,13 @@ def _refuse_second_review(db, inspection_id: int) -> None:
                          f"{earlier[0]['ts'][11:19]} UTC; the first review stands, go on with the next part")
 
 
-def _scan_frames(frames_dir: Path) -> dict[str, tuple[int, float]]:
-    """{"ab/abcd....png": (size, mtime)} for every file under frames_dir/*/."""
-    found = {}
-    for sub in (os.scandir(frames_dir) if frames_dir.is_dir() else ()):
-        for entry in (os.scandir(sub.path) if sub.is_dir() else ()):
-            try:
-                if entry.is_file():
-                    st = entry.stat()
-                    found[f"{sub.name}/{entry.name}"] = (st.st_size, st.st_mtime)
-            except FileNotFoundError:
-                continue
-    return found
+class SingleWriterDB:
+    """The appliance database, migrated on open: one writer thread owns the only write
+    connection and runs queued callables in order; reads use one connection per calling thread."""
 
-
-class Store:
-    def __init__(self, path: Path, frames_dir: Path | None = None, frame_budget_mb: float = 500,
-                 retention_days: float = 30):
+    def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.frames_dir = Path(frames_dir) if frames_dir else self.path.parent / "frames"
-        self.frame_budget_bytes = int(frame_budget_mb * 1024 * 1024)
-        self.retention = timedelta(days=retention_days)
-        self.alarm: str | None = None
-        self.clock = time.time                      # for PIN lockouts; tests replace it
         self._local, self._readers, self._lock = threading.local(), [], threading.Lock()
         self._closed, self._jobs = False, queue.Queue()
         ready: Future = Future()
@@ -248,11 +209,26 @@ class Store:
         for db in self._readers:
             db.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Store(SingleWriterDB):
+    """Inspections with their scores, reviews and the outbox to HQ, models, operators, and the
+    saved frames the inspections name."""
+
+    def __init__(self, path: Path, frames_dir: Path | None = None, frame_budget_mb: float = 500,
+                 retention_days: float = 30):
+        super().__init__(path)
+        self.frames_dir = Path(frames_dir) if frames_dir else self.path.parent / "frames"
+        self.frame_budget_bytes = int(frame_budget_mb * 1024 * 1024)
+        self.retention = timedelta(days=retention_days)
+        self.alarm: str | None = None
+        self.clock = time.time                      # for PIN lockouts; tests replace it
+        self.operators = OperatorPins(self._query, self._execute)
 
     def _save_frame(self, sha: str, data: bytes) -> str | None:
         """The frame's path relative to frames_dir, or None (and an alarm) if it cannot be saved."""
@@ -274,7 +250,7 @@ class Store:
                        frame_png: bytes | None = None) -> int:
         """Save the frame, then commit the row and its scores; returns the committed id."""
         sha = hashlib.sha256(frame_png).hexdigest() if frame_png is not None else None
-        row = {"ts": _iso(_utcnow()), "line": line, "station": station,
+        row = {"ts": to_iso(), "line": line, "station": station,
                "frame_path": self._save_frame(sha, frame_png) if sha else None, "frame_sha256": sha,
                "model_version": model_version, "verdict": verdict, "best_score": float(best_score),
                "p_best": float(p_best), "flagged": int(bool(flagged)), "flag_reasons": json.dumps(list(reasons)),
@@ -343,7 +319,7 @@ class Store:
                 _refuse_second_review(db, inspection_id)
                 texts = [r["text"] for r in db.query("SELECT text FROM scores WHERE inspection_id = ? "
                                                      "ORDER BY rank", [inspection_id])]
-                now = _iso(_utcnow())
+                now = to_iso()
                 review_id = db["reviews"].insert({"inspection_id": inspection_id, "ts": now, "operator": operator,
                                                   "chosen_text": chosen_text, "note": note}).last_pk
                 for kind, key, payload in _review_outbox(found[0], review_id, operator, chosen_text, note, texts):
@@ -359,7 +335,7 @@ class Store:
 
     def mark_sent(self, ids: list[int]) -> None:
         self._execute(("UPDATE outbox SET sent_at = ? WHERE sent_at IS NULL AND id IN "
-                       "(SELECT value FROM json_each(?))", [_iso(_utcnow()), json.dumps(list(ids))]))
+                       "(SELECT value FROM json_each(?))", [to_iso(), json.dumps(list(ids))]))
 
     def record_attempt(self, ids: list[int]) -> None:
         self._execute(("UPDATE outbox SET attempts = attempts + 1 WHERE id IN (SELECT value FROM json_each(?))",
@@ -373,7 +349,7 @@ class Store:
                        "AND ? = 'active'", [version, state]),
                       ("INSERT INTO models (version, installed_at, state, reason) VALUES (?, ?, ?, ?) "
                        "ON CONFLICT(version) DO UPDATE SET state = excluded.state, reason = excluded.reason",
-                       [version, _iso(_utcnow()), state, reason]))
+                       [version, to_iso(), state, reason]))
 
     def model_states(self) -> list[dict]:
         return self._query("SELECT * FROM models ORDER BY installed_at DESC, rowid DESC")
@@ -389,77 +365,28 @@ class Store:
         counts["flag_rate"] = counts["flagged"] / counts["inspections"] if counts["inspections"] else 0.0
         return counts
 
-    def _choose_victims(self, now: datetime, on_disk: dict, refs: dict) -> list[str]:
-        """Expired or orphaned files, then the oldest until under budget. Frames of unsent outbox
-        rows are kept always; frames awaiting review are removed only when expired."""
-        cutoff, grace = _iso(now - self.retention), now.timestamp() - ORPHAN_GRACE_SECONDS
-        total = sum(size for size, _ in on_disk.values())
-        victims, by_age = [], []
-        for rel, (size, mtime) in on_disk.items():
-            ref = refs.get(rel)
-            if ref is not None and ref["keep"]:
-                continue
-            if (ref is None and mtime < grace) or (ref is not None and ref["last_ts"] < cutoff):
-                victims.append(rel)
-                total -= size
-            elif ref is not None and not ref["awaiting_review"]:
-                by_age.append((ref["last_ts"], ref["last_id"], rel, size))   # id breaks ties in ts
-        for *_, rel, size in sorted(by_age):
-            if total <= self.frame_budget_bytes:
-                break
-            victims.append(rel)
-            total -= size
-        return victims
-
     def prune_frames(self, now: datetime | None = None, max_files: int = PRUNE_BATCH) -> int:
         """Delete frame files past retention or over the disk budget (oldest first), at most
         max_files in one write transaction so inspections never wait long behind it; returns how
-        many (max_files means: call again, there may be more)."""
-        now = now or _utcnow()
-        now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
-        on_disk = _scan_frames(self.frames_dir)
+        many (max_files means: call again, there may be more). The rules: frame_retention."""
+        now = utc(now)
+        on_disk = scan_frames(self.frames_dir)
 
         def prune(db):
             with _immediate(db):
-                refs = {r["frame_path"]: r for r in db.query(FRAME_REFS_SQL)}
-                victims = self._choose_victims(now, on_disk, refs)[:max_files]
-                db.execute("UPDATE inspections SET frame_path = NULL WHERE frame_path IN "
-                           "(SELECT value FROM json_each(?))", [json.dumps(victims)])
-            for rel in victims:     # after the commit, on the writer thread: no log_inspection races it
-                (self.frames_dir / rel).unlink(missing_ok=True)
-            if victims:
-                log.info("pruned %d frame files", len(victims))
+                victims = forget_victims(db, now, on_disk, self.retention, self.frame_budget_bytes, max_files)
+            # after the commit, on the writer thread: no log_inspection races it
+            delete_frames(self.frames_dir, victims)
             return len(victims)
         return self._write(prune)
 
     def set_operator_pin(self, name: str, pin: str) -> None:
-        if not name or len(str(pin)) < 4:
-            raise StoreError("an operator needs a name and a PIN of at least 4 characters")
-        salt = secrets.token_bytes(16)
-        self._execute(("INSERT INTO operators (name, pin_hash, salt, failed_attempts, locked_until) "
-                       "VALUES (?, ?, ?, 0, 0) ON CONFLICT(name) DO UPDATE SET pin_hash = excluded.pin_hash, "
-                       "salt = excluded.salt, failed_attempts = 0, locked_until = 0",
-                       [name, _hash_pin(pin, salt), salt.hex()]))
+        self.operators.set_pin(name, pin)
 
     def keep_only_operators(self, names) -> None:
         """Remove every operator not in `names`: taking someone out of the config revokes their PIN."""
-        self._execute(("DELETE FROM operators WHERE name NOT IN (SELECT value FROM json_each(?))",
-                       [json.dumps(sorted(names))]))
+        self.operators.keep_only(names)
 
     def check_operator_pin(self, name: str, pin: str) -> bool:
         """True if the PIN is right. After 5 failures the operator is locked for 5 minutes."""
-        rows = self._query("SELECT * FROM operators WHERE name = ?", [name])
-        if not rows:
-            _hash_pin(pin, b"\0" * 16)        # same cost as a real check: no probing for names
-            return False
-        now, op = self.clock(), rows[0]
-        if op["locked_until"] > now:
-            raise StoreError(f"operator {name} is locked for {math.ceil(op['locked_until'] - now)} more seconds")
-        ok = hmac.compare_digest(_hash_pin(pin, bytes.fromhex(op["salt"])), op["pin_hash"])
-        if ok:
-            self._execute(("UPDATE operators SET failed_attempts = 0 WHERE name = ?", [name]))
-        else:
-            self._execute(("UPDATE operators SET failed_attempts = failed_attempts + 1 WHERE name = ?", [name]),
-                          ("UPDATE operators SET failed_attempts = 0, locked_until = ? "
-                           "WHERE name = ? AND failed_attempts >= ?", [now + LOCKOUT_SECONDS, name, MAX_PIN_FAILURES]))
-        return ok
+        return self.operators.check(name, pin, now=self.clock())

@@ -7,12 +7,14 @@ repeated failures).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import cv2
 import gradio as gr
 import numpy as np
 
-from appliance.errors import LinejudgeError
-from appliance.preprocess import check_explanation
+from models.errors import LinejudgeError
+from models.preprocess import check_explanation
 
 CSS = """
 .gradio-container {font-size: 20px}
@@ -105,6 +107,39 @@ def next_review(appliance):
     return _stored_frame(appliance, row), info, gr.update(choices=texts, value=None), row["id"]
 
 
+def log_in(appliance, who, code):
+    try:
+        ok = appliance.store.check_operator_pin(who.strip(), code.strip())
+    except LinejudgeError as exc:
+        return None, f"**{exc}**", *next_review(appliance)
+    if not ok:
+        return None, "**Wrong name or PIN.**", None, "", gr.update(choices=[]), None
+    return who.strip(), f"Logged in as **{who.strip()}**.", *next_review(appliance)
+
+
+def file_review(appliance, who, inspection_id, text):
+    if not who:
+        return "**Log in first.**", gr.update(), gr.update(), gr.update(), inspection_id
+    text = (text or "").strip()
+    if inspection_id is None or not text:
+        return "", gr.update(), gr.update(), gr.update(), inspection_id
+    try:
+        chosen = check_explanation(text)
+        appliance.store.add_review(inspection_id, who, chosen)
+    except LinejudgeError as exc:
+        frame, info, update, next_id = next_review(appliance)   # e.g. reviewed elsewhere: move on
+        return f"**{exc}**", frame, info, update, next_id
+    frame, info, update, next_id = next_review(appliance)
+    return f"Saved: part #{inspection_id} is *{chosen}*.", frame, info, update, next_id
+
+
+def history_rows(appliance, text, which):
+    flagged = {"flagged": True, "not flagged": False}.get(which)
+    rows = appliance.store.history(verdict_contains=text.strip() or None, flagged=flagged, limit=200)
+    return [[r["id"], r["ts"][:19], r["verdict"], round(r["p_best"], 3), bool(r["flagged"]),
+             r["model_version"]] for r in rows]
+
+
 def create_ui(appliance) -> gr.Blocks:
     with gr.Blocks(title="linejudge") as ui:
         operator = gr.State(None)
@@ -142,42 +177,12 @@ def create_ui(appliance) -> gr.Blocks:
         timer.tick(lambda: live_view(appliance), outputs=[live_frame, verdict, ranking, flag])
         timer.tick(lambda: status_view(appliance), outputs=[status])
 
-        def do_login(who, code):
-            try:
-                ok = appliance.store.check_operator_pin(who.strip(), code.strip())
-            except LinejudgeError as exc:
-                return None, f"**{exc}**", *next_review(appliance)
-            if not ok:
-                return None, "**Wrong name or PIN.**", None, "", gr.update(choices=[]), None
-            return who.strip(), f"Logged in as **{who.strip()}**.", *next_review(appliance)
+        login.click(partial(log_in, appliance), [name, pin], [operator, login_msg, review_frame, review_info, choices, current])
 
-        login.click(do_login, [name, pin], [operator, login_msg, review_frame, review_info, choices, current])
-
-        def do_review(who, inspection_id, text):
-            if not who:
-                return "**Log in first.**", gr.update(), gr.update(), gr.update(), inspection_id
-            text = (text or "").strip()
-            if inspection_id is None or not text:
-                return "", gr.update(), gr.update(), gr.update(), inspection_id
-            try:
-                chosen = check_explanation(text)
-                appliance.store.add_review(inspection_id, who, chosen)
-            except LinejudgeError as exc:
-                frame, info, update, next_id = next_review(appliance)   # e.g. reviewed elsewhere: move on
-                return f"**{exc}**", frame, info, update, next_id
-            frame, info, update, next_id = next_review(appliance)
-            return f"Saved: part #{inspection_id} is *{chosen}*.", frame, info, update, next_id
-
-        choices.input(do_review, [operator, current, choices],
+        choices.input(partial(file_review, appliance), [operator, current, choices],
                       [review_msg, review_frame, review_info, choices, current])
-        save_text.click(do_review, [operator, current, correction],
+        save_text.click(partial(file_review, appliance), [operator, current, correction],
                         [review_msg, review_frame, review_info, choices, current])
 
-        def show_history(text, which):
-            flagged = {"flagged": True, "not flagged": False}.get(which)
-            rows = appliance.store.history(verdict_contains=text.strip() or None, flagged=flagged, limit=200)
-            return [[r["id"], r["ts"][:19], r["verdict"], round(r["p_best"], 3), bool(r["flagged"]),
-                     r["model_version"]] for r in rows]
-
-        refresh.click(show_history, [hist_verdict, hist_flag], [history])
+        refresh.click(partial(history_rows, appliance), [hist_verdict, hist_flag], [history])
     return ui

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.errors import ModelError
+from models.errors import ModelError
 
 CANDIDATES = (1, 4, 16, 64)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "training" / "configs"
@@ -80,7 +80,7 @@ def torch_model(variant: str, source: str):
 
 def _torch_runner(variant: str, source: str, threads: int):
     import torch
-    from appliance.preprocess import PreprocessSpec
+    from models.preprocess import PreprocessSpec
     from training.stages import Encoder
     torch.set_num_threads(threads)
     model, about = torch_model(variant, source)
@@ -106,7 +106,7 @@ CAMERA_PX = 300   # ELPV's native size: the resize a camera frame needs before t
 
 
 def _onnx_runner(bundle: Path, threads: int, int8: bool):
-    from appliance.preprocess import PreprocessSpec, TextTokenizer, frame_to_input
+    from models.preprocess import PreprocessSpec, TextTokenizer, frame_to_input
     from appliance.scoring.onnx_backend import OnnxBackend
     manifest = json.loads((bundle / "manifest.json").read_text())
     spec = PreprocessSpec.from_dict(manifest["preprocessing"])

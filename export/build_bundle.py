@@ -17,13 +17,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 from tqdm import tqdm
 
-from appliance.candidates import load_catalog
-from appliance.config import is_whole
-from appliance.errors import ConfigError, LinejudgeError
-from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
+from models.catalog import load_catalog
+from models.common import is_whole
+from models.errors import ConfigError, LinejudgeError
+from models.preprocess import PreprocessSpec, TextTokenizer, normalize
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import decide_stats, quantize, to_onnx, verify
 from models import bundle as bundle_lib
@@ -31,6 +30,7 @@ from models.platform import platform_record
 from models.reward_model import load_model, minilm_dir
 from training.data import elpv
 from training.data.batches import EL_CATALOG, elpv_set, synthetic_set
+from training.metrics import pair_correct, right_first
 
 GOLDEN_FRAMES = 8
 CALIBRATION_FRAMES = 320
@@ -80,13 +80,19 @@ def checkpoint_to_bundle(checkpoint: Path, out: Path, opts: ExportOptions) -> di
     if opts.key:
         bundle_lib.load_private_key(opts.key)    # a bad key fails here, before any export work
     model = load_model(student_dir(checkpoint))
-    final = Path(out)
+    return _build_then_rename(Path(out), lambda partial: partial.mkdir(parents=True),
+                              lambda partial: _build_bundle(model, Path(checkpoint), partial, opts))
+
+
+def _build_then_rename(final: Path, prepare, build) -> dict:
+    """prepare(partial) then build(partial) -> manifest in `<final>.partial`; renamed to `final`
+    only when build returned, removed when anything raised."""
     partial = final.with_name(final.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
     try:
-        manifest = _build_bundle(model, Path(checkpoint), partial, opts)
+        prepare(partial)
+        manifest = build(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -178,22 +184,17 @@ def requantize_bundle(bundle: Path, out: Path, key: Path, key_id: str, trusted: 
     bundle, final = Path(bundle), Path(out)
     old = bundle_lib.verify_bundle(bundle, trusted)
     bundle_lib.load_private_key(key)          # a bad key fails here, before any work
-    partial = final.with_name(final.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    shutil.copytree(bundle, partial, ignore=lambda d, names: [n for n in names if n in REQUANTIZED
-                                                              and Path(d) == bundle])
-    try:
+
+    def copy_kept_files(partial: Path) -> None:
+        shutil.copytree(bundle, partial, ignore=lambda d, names: [n for n in names if n in REQUANTIZED
+                                                                  and Path(d) == bundle])
+
+    def requantize(partial: Path) -> dict:
         manifest = _requantized_manifest(old, partial, opts)
         bundle_lib.write_manifest(partial, manifest)
         bundle_lib.sign_bundle(partial, key, key_id)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)
-    return manifest
+        return manifest
+    return _build_then_rename(final, copy_kept_files, requantize)
 
 
 def _requantized_manifest(old: dict, out: Path, opts: ExportOptions) -> dict:
@@ -303,10 +304,8 @@ def _int8_gate(fp32, int8, tokenizer, spec, val, catalog, opts: ExportOptions, o
     syn = synthetic_set("synthetic-gate", 200, spec.image_size, 4242, 0.0, None)
     sa = verify.backend_set_scores(fp32, tokenizer, spec, syn)
     sb = verify.backend_set_scores(int8, tokenizer, spec, syn)
-    pa = np.concatenate([(verify.right_first(a, truth)[:, :1] > verify.right_first(a, truth)[:, 1:]).ravel(),
-                         (sa[:, :1] > sa[:, 1:]).ravel()]).mean()
-    pb = np.concatenate([(verify.right_first(b, truth)[:, :1] > verify.right_first(b, truth)[:, 1:]).ravel(),
-                         (sb[:, :1] > sb[:, 1:]).ravel()]).mean()
+    pa = np.concatenate([pair_correct(right_first(a, truth)).ravel(), pair_correct(sa).ravel()]).mean()
+    pb = np.concatenate([pair_correct(right_first(b, truth)).ravel(), pair_correct(sb).ravel()]).mean()
     agree = verify.agreement(a, b)
     syn_agree = float((sa.argmax(1) == sb.argmax(1)).mean())
     top1 = (agree["top1_agreement"] * len(a) + syn_agree * len(sa)) / (len(a) + len(sa))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from appliance import decide
-from appliance.errors import ConfigError
+from models.errors import ConfigError
 from export import verify
 
 CALIBRATION_TARGET = 0.97     # binary accuracy wanted among frames that are not flagged
@@ -16,7 +16,7 @@ def catalog_outputs(backend, tokenizer, spec, images: np.ndarray, catalog):
     """What decide() reads for each frame against the whole catalog: patches (N,P,d),
     rewards (N,K), and the blank frame's rewards (K,)."""
     patches, rewards = verify.backend_outputs(backend, tokenizer, spec, images, catalog.displays)
-    blank = np.full((1, spec.image_size, spec.image_size), 128, np.uint8)   # as appliance.preprocess.blank_input
+    blank = np.full((1, spec.image_size, spec.image_size), 128, np.uint8)   # as models.preprocess.blank_input
     return patches, rewards, verify.backend_scores(backend, tokenizer, spec, blank, catalog.displays)[0]
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from appliance import decide
-from appliance.candidates import load_catalog
-from appliance.errors import ConfigError
-from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
+from models.catalog import load_catalog
+from models.errors import ConfigError
+from models.preprocess import PreprocessSpec, TextTokenizer, normalize
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import verify
 from export.decide_stats import catalog_defective, catalog_outputs, flag_outcomes
@@ -97,7 +97,7 @@ def backend_set_scorer(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, 
     first, the texts drawn as the torch eval draws them. Each set's frames are encoded once
     (`known` maps id(data) to patches already computed) and reused for the swapped run."""
     cache = dict(known or {})
-    gray = np.full((1, spec.image_size, spec.image_size), 128, np.uint8)   # as appliance.preprocess.blank_input
+    gray = np.full((1, spec.image_size, spec.image_size), 128, np.uint8)   # as models.preprocess.blank_input
     blank_patches = backend.image_features(normalize(gray, spec))
 
     def patches_of(data) -> np.ndarray:

@@ -2,30 +2,20 @@
 check that no CPU's kernel path can saturate.
 
 Same answers on every CPU: onnxruntime's x86 INT8 kernels multiply uint8 activations by int8
-weights. With VNNI they accumulate in 32 bits; on AVX2 without VNNI (vpmaddubsw) each pair of
-u8 x s8 products is summed in 16 bits and saturates at 32,767. With 8-bit weights a pair can
-reach 2 x 255 x 128 = 65,280, and the default bundle of main a321dcc gave a reward 3.68 off on
-one golden frame on such a CPU. Weights are therefore quantized to 7 bits (onnxruntime's
-reduce_range: |w| <= 64, so 2 x 255 x 64 = 32,640 fits), and `int16_pair_check` proves it on
-the written graph: export refuses a graph where it does not hold. Activation x activation
-MatMuls (attention) run u8 x u8 kernels that widen to 16 bits before multiplying and cannot
-saturate; the check counts them separately. Measured on the default bundle's graphs (ELPV test
-split, 654 cells, top-1 agreement with fp32): 8-bit weights 0.998, 7-bit 0.992, 7-bit with
-EfficientNet block 0 kept fp32 0.998 at the same speed; u8 x u8 weights everywhere (no
-saturation either) 1.000 but 10x slower than fp32, so not used. The export gate (val + 200
-synthetic sets, top-1 >= 0.99) passes with 7-bit weights only when blocks 0 and 1 stay fp32
-(0.9935); block 0 alone 0.983 with minmax, percentile or entropy calibration, none 0.957,
-depthwise convolutions with 8-bit weights and the rest 7-bit 0.976.
+weights; on AVX2 without VNNI (vpmaddubsw) each pair of u8 x s8 products is summed in 16 bits
+and saturates at 32,767, which 8-bit weights can exceed (2 x 255 x 128). Weights are therefore
+quantized to 7 bits (onnxruntime's reduce_range: |w| <= 64, so 2 x 255 x 64 = 32,640 fits), and
+`int16_pair_check` proves it on the written graph: export refuses a graph where it does not
+hold. Activation x activation MatMuls (attention) run u8 x u8 kernels that widen to 16 bits
+before multiplying and cannot saturate; the check counts them separately.
 
 Calibration frames come deterministically from the ELPV *train* part. The image encoder and
 the scorer are quantized; the image encoder's stem convolution (one gray input channel,
 cheap) and the scorer's final head stay fp32 (known INT8 failure points), and the text
 encoder stays fp32 (it only runs for free text; catalog features are
-precomputed). Measured on the full run's student (ELPV val, 263 cells, top-1 agreement with
-fp32): minmax with moving average 0.977, plain minmax 0.985, percentile 99.999 0.989, plain
-minmax with the stem in fp32 0.992. In the scorer only MatMul/Gemm are quantized: with its
-elementwise ops quantized too, agreement on 200 synthetic candidate sets fell from 0.990 to
-0.975. Hence the defaults. If the gate fails, the nodes whose outputs diverge most are reported
+precomputed). In the scorer only MatMul/Gemm are quantized. The measurements that chose these
+defaults (7-bit weights, which blocks stay fp32, the calibration method) are in
+reports/measurements.md. If the gate fails, the nodes whose outputs diverge most are reported
 (onnxruntime's qdq_loss_debug) and can be kept in fp32 with --keep-fp32.
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from appliance import decide
-from appliance.preprocess import frame_problem
+from models.preprocess import frame_problem
 from export import verify
 from export.decide_stats import catalog_defective
 from training.metrics import elpv_metrics

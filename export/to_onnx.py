@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.errors import ModelError
 from models.reward_model import RewardModel
 
 OPSET = 17
 IMAGE_ENCODER, TEXT_ENCODER, SCORER = "image_encoder.onnx", "text_encoder.onnx", "scorer.onnx"
 
 
-class ParityError(RuntimeError):
+class ParityError(ModelError):
     """An exported graph disagrees with the torch model beyond the tolerance."""
 
 

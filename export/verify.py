@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
+from models.preprocess import PreprocessSpec, TextTokenizer, normalize
 
 
 def backend_scores(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, frames: np.ndarray,
@@ -44,10 +44,3 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
             "max_abs_reward_delta": float(np.abs(a - b).max()),
             "mean_abs_reward_delta": float(np.abs(a - b).mean())}
 
-
-def pairwise(scores_right_first: np.ndarray) -> float:
-    return float((scores_right_first[:, :1] > scores_right_first[:, 1:]).mean())
-
-
-def right_first(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    return np.stack([np.concatenate([[s[t]], np.delete(s, t)]) for s, t in zip(scores, truth)])

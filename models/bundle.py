@@ -16,14 +16,16 @@ import hashlib
 import json
 import os
 import stat
-import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from models.errors import ModelError
+from models.common import is_whole, parse_iso, to_iso, utc, write_file_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -33,7 +35,7 @@ _CHUNK = 1 << 20
 _DICT_FIELDS = ("compatible", "preprocessing", "thresholds", "ood", "lineage", "metrics")
 
 
-class BundleError(Exception):
+class BundleError(ModelError):
     """A bundle cannot be trusted or used; the message says what is wrong and what to do."""
 
 
@@ -177,7 +179,7 @@ def build_manifest(bundle_dir: Path, *, line: str, version: int, expires_days: f
                    now: datetime | None = None) -> dict:
     """Describe every regular file in bundle_dir plus the given metadata (not yet written)."""
     bundle_dir = Path(bundle_dir)
-    created = _utc(now).replace(microsecond=0)
+    created = utc(now).replace(microsecond=0)
     files = [{"path": rel, "bytes": (bundle_dir / rel).stat().st_size,
               "sha256": file_sha256(bundle_dir / rel)} for rel in _scan(bundle_dir)]
     manifest = {
@@ -221,23 +223,6 @@ def sign_bundle(bundle_dir, private_key_path, key_id: str | None = None) -> Path
     path = bundle_dir / SIGNATURE
     write_file_atomic(path, (json.dumps(body, sort_keys=True, indent=2) + "\n").encode("utf-8"))
     return path
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync and rename, so the file is either whole or absent (a manifest, a signature,
-    a saved frame, an uploaded frame at HQ). Safe from several threads and processes at once."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- verification
@@ -329,11 +314,11 @@ def _check_schema(m) -> None:
         bad(f"schema_version {m.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})")
     if not isinstance(m.get("line"), str) or not m["line"]:
         bad("'line' must be a non-empty string")
-    if not _is_int(m.get("version")) or m["version"] < 0:
+    if not is_whole(m.get("version")) or m["version"] < 0:
         bad("'version' must be a non-negative integer")
     for field in ("created", "expires"):
         value = m.get(field)
-        if (field == "created" or value is not None) and _parse_time(value) is None:
+        if (field == "created" or value is not None) and parse_iso(value) is None:
             bad(f"'{field}' must be an ISO-8601 timestamp with a time zone, got {value!r}")
     for field in _DICT_FIELDS:
         if not isinstance(m.get(field), dict):
@@ -353,7 +338,7 @@ def _file_entry_problem(entry, seen: set) -> str | None:
     path, size, digest = entry["path"], entry["bytes"], entry["sha256"]
     if not isinstance(path, str) or not path:
         return f"file entry path {path!r} must be a non-empty string"
-    if not _is_int(size) or size < 0:
+    if not is_whole(size) or size < 0:
         return f"file {path!r}: bytes must be a non-negative integer"
     if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
         return f"file {path!r}: sha256 must be 64 lowercase hex characters"
@@ -438,8 +423,8 @@ def _scan(bundle_dir: Path) -> list[str]:
 
 
 def _check_policy(m: dict, installed_version, line, input_spec, now) -> None:
-    current = _utc(now)
-    if m["expires"] is not None and current >= _parse_time(m["expires"]):
+    current = utc(now)
+    if m["expires"] is not None and current >= parse_iso(m["expires"]):
         raise ExpiredManifest(f"{MANIFEST} expired at {m['expires']} (now {_iso(current)}); "
                               "ask HQ for a fresh bundle or check the appliance clock")
     if installed_version is not None and m["version"] <= installed_version:
@@ -467,29 +452,11 @@ def _check_input_spec(m: dict, input_spec: dict) -> None:
 
 # ---------------------------------------------------------------- small helpers
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _utc(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(timezone.utc)
-    return now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
-
 
 def iso_now() -> str:
-    return _iso(_utc(None))
+    return _iso(utc())
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _parse_time(value) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return None if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    """Bundle manifests write whole seconds with a Z."""
+    return to_iso(moment, timespec="seconds").replace("+00:00", "Z")

@@ -24,13 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.common import is_whole
+from models.errors import ModelError
+
 MINILM_HIDDEN = 384
 EFFICIENTNET_BLOCKS = 16          # MBConv blocks of EfficientNet-Lite0
 VOCAB_SIZE = 30522
 LEVELS = 4                        # ELPV defect levels 0, 1/3, 2/3, 1
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(ModelError):
     """A checkpoint cannot be loaded; the message says why and what to do."""
 
 
@@ -62,9 +65,9 @@ class ModelConfig:
         for key in ("d_model", "text_layers", "text_heads", "text_embed_dim", "max_tokens",
                     "summary_tokens", "fusion_layers", "fusion_heads"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_whole(value) or value < 1:
                 raise ValueError(f"{key} must be a whole number of at least 1, not {value!r}")
-        if not isinstance(self.frozen_blocks, int) or not 0 <= self.frozen_blocks <= EFFICIENTNET_BLOCKS:
+        if not is_whole(self.frozen_blocks) or not 0 <= self.frozen_blocks <= EFFICIENTNET_BLOCKS:
             raise ValueError(f"frozen_blocks must be a whole number from 0 to {EFFICIENTNET_BLOCKS} "
                              f"(EfficientNet-Lite0's blocks), not {self.frozen_blocks!r}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:

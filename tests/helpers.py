@@ -1,9 +1,21 @@
-"""Helpers the tests share (not product code): an HTTP app served in a background thread."""
+"""Helpers the tests share (not product code): polling for a condition, an HTTP app served in a
+background thread."""
 from __future__ import annotations
 
 import socket
 import threading
 import time
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition", every: float = 0.05):
+    """condition()'s first truthy value, polled every `every` seconds; AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class BackgroundServer:

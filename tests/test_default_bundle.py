@@ -48,7 +48,7 @@ def test_possible_defect_flags_use_the_catalog_facts_and_a_config_threshold(mani
     free-text candidates (facts unknown) never trigger it; an unknown threshold name is refused."""
     import cv2
     from appliance.config import config_from_dict
-    from appliance.errors import ConfigError
+    from models.errors import ConfigError
     from appliance.runtime import ModelRuntime
     from training.data import elpv
     cfg = config_from_dict({"thresholds": {"p_defect": 0.0, "p_best": 0.0}})

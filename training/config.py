@@ -6,10 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import yaml
-
-from appliance.config import is_number, is_whole
-from appliance.errors import ConfigError
+from models.common import is_number, is_whole, read_yaml
+from models.errors import ConfigError
 from models.reward_model import STUDENT, TEACHER, ModelConfig
 
 STAGE_NAMES = ("text", "classify", "multimodal", "distill", "fleet")
@@ -248,11 +246,5 @@ def _tuples(data: dict) -> dict:
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config {path} does not exist; see training/configs/ for examples")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-    return config_from_dict(data or {}, name=path.stem)
+    data = read_yaml(path, "config", "see training/configs/ for examples")
+    return config_from_dict(data or {}, name=Path(path).stem)

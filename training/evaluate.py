@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from appliance.errors import ConfigError
-from appliance.preprocess import PreprocessSpec
+from models.errors import ConfigError
+from models.preprocess import PreprocessSpec
 from models.reward_model import RewardModel, load_model
-from training.metrics import (SYNTHETIC_EVAL_SEED, check_limit, ece, elpv_metrics,  # noqa: F401 (re-exported)
-                              eval_sets, oriented_pairs, pair_correct, set_metrics, synthetic_by_fact)
+from training.metrics import (check_limit, ece, elpv_metrics, eval_sets, oriented_pairs, pair_correct,
+                              set_metrics)
 from training.data import elpv
 from training.stages import Encoder, rewards
 

@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from appliance.config import is_whole
-from appliance.errors import ConfigError
+from models.common import is_whole
+from models.errors import ConfigError
 from training.data import elpv, synthetic
 from training.data.batches import elpv_set, synthetic_set
 
@@ -41,6 +41,12 @@ def eval_sets(split: str, image_size: int, limit: int | None = None, seed: int =
     n_syn = min(limit or SYNTHETIC_EVAL_FRAMES, SYNTHETIC_EVAL_FRAMES)
     syn = synthetic_set(f"synthetic-{split}", n_syn, image_size, SYNTHETIC_EVAL_SEED[split], 0.5, backgrounds)
     return data, syn
+
+
+def right_first(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(N, K) rewards against a catalog and each frame's right entry -> the rewards with the
+    right entry moved first (the order pair_correct and oriented_pairs read)."""
+    return np.stack([np.concatenate([[s[t]], np.delete(s, t)]) for s, t in zip(scores, truth)])
 
 
 def pair_correct(r: np.ndarray) -> np.ndarray:
@@ -96,8 +102,7 @@ def elpv_metrics(scores: np.ndarray, data) -> tuple[dict, np.ndarray]:
             m[f"elpv_level_accuracy_{t}"] = float((pred_level[sel] == true_level[sel]).mean())
     m["confusion_level"] = _confusion(true_level, pred_level, 4).tolist()
     m["confusion_binary"] = _confusion(true_bin.astype(int), pred_bin.astype(int), 2).tolist()
-    ordered = np.stack([np.concatenate([[s[t]], np.delete(s, t)]) for s, t in zip(scores, truth_idx)])
-    return m, ordered
+    return m, right_first(scores, truth_idx)
 
 
 def _confusion(truth, pred, k) -> np.ndarray:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from appliance.errors import ConfigError
-from appliance.preprocess import PreprocessSpec, TextTokenizer, normalize
+from models.errors import ConfigError
+from models.preprocess import PreprocessSpec, TextTokenizer, normalize
 from models.reward_model import RewardModel, bradley_terry_loss, minilm_dir, save_model
 from training.config import SELECT_BY, StageConfig
 from training.data.batches import CandidateSet, iterate_batches
@@ -75,9 +75,9 @@ class TrainBatch(NamedTuple):
 
 class FactHead(nn.Module):
     """Training-only: reads a synthetic frame's defect type, 3x3 cell and severity off its
-    patch grid. Its loss teaches the image features the facts the hard negatives change
-    (on synthetic frames alone: type 0.98 after 4 epochs with it, 0.75 after 8 without);
-    it is never saved with the model."""
+    patch grid. Its loss teaches the image features the facts the hard negatives change (it
+    makes type learnable within a few epochs: reports/measurements.md); it is never saved
+    with the model."""
 
     def __init__(self, grid: int, d: int):
         super().__init__()

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from appliance.errors import ConfigError
-from appliance.preprocess import PreprocessSpec
+from models.errors import ConfigError, LinejudgeError
+from models.preprocess import PreprocessSpec
 from models.reward_model import RewardModel
 from training import distributed
 from training.config import TrainConfig
@@ -29,7 +29,7 @@ from training.evaluate import elpv_binary_accuracy, level_head_binary_accuracy
 from training.stages import Encoder, run_stage
 
 
-class TestLeakError(RuntimeError):
+class TestLeakError(LinejudgeError):
     """An ELPV test cell was about to reach training."""
 
 

@@ -32,5 +32,5 @@ def open_backend(bundle_dir, backend: str = "onnxruntime", providers: tuple[str,
     if backend == "tensorrt":
         from appliance.scoring.tensorrt_backend import TensorRTBackend
         return TensorRTBackend(bundle_dir)
-    from appliance.errors import ConfigError
+    from models.errors import ConfigError
     raise ConfigError(f"unknown scoring backend {backend!r}; use 'onnxruntime' or 'tensorrt'")

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.errors import ModelError
+from models.errors import ModelError
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
 INT8_SUFFIX = ".int8.onnx"
-# The scorer is ~70 small ops: one thread beats two up to 64 candidates (2 cores, p50 ms, INT8
-# N=16: 0.33 vs 0.40, N=64: 1.09 vs 1.10; fp32 alike), so it never waits on a thread pool.
+# The scorer is ~70 small ops: one thread is as fast as two up to 64 candidates
+# (reports/measurements.md), so it never waits on a thread pool.
 SCORER_THREADS = 1
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.errors import ModelError
+from models.errors import ModelError
 
 
 def _check(result):

@@ -12,6 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from models.errors import ModelError
+
 PROFILES = {  # input name -> (min, opt, max) with B = frames, N = candidates
     "image_encoder": {"image": ((1, 1, "S", "S"), (1, 1, "S", "S"), (8, 1, "S", "S"))},
     "scorer": {"patches": ((1, "P", "D"), (1, "P", "D"), (8, "P", "D")),
@@ -22,7 +24,7 @@ PROFILES = {  # input name -> (min, opt, max) with B = frames, N = candidates
 WORKSPACE_BYTES = 1 << 30   # 1 GiB: fits Jetson Orin Nano
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(ModelError):
     """TensorRT could not parse or build; the message carries the parser's errors."""
 
 

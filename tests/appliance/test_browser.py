@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.helpers import wait_for
+
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path("/tmp/linejudge_ui.png")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -87,13 +89,7 @@ def _verdict_id(page) -> int | None:
 
 
 def _wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(predicate, timeout, what, every=0.25)
 
 
 def test_touchscreen_live_login_and_one_tap_review(served, page):

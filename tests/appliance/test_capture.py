@@ -7,7 +7,7 @@ import pytest
 
 from appliance.capture import (FolderReplay, LatestFrameGrabber, OpenCVSource, capture_target,
                                open_source)
-from appliance.errors import CaptureError
+from models.errors import CaptureError
 
 
 class CountingSource:

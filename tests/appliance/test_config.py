@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from appliance.config import config_from_dict, load_config
-from appliance.errors import ConfigError
+from models.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "appliance.example.yaml"
 

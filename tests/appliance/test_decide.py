@@ -105,7 +105,7 @@ def test_facts_given_as_numpy_booleans_work_the_same():
 def test_a_frame_that_cannot_show_a_part_is_always_flagged():
     """Lens cap, dead camera, blown exposure, flat grey, sensor noise: flagged with a plain reason,
     however sure the model is; a real ELPV cell is not."""
-    from appliance.preprocess import frame_problem
+    from models.preprocess import frame_problem
     from training.data import elpv
     rng = np.random.default_rng(0)
     frames = [("all dark", np.zeros((160, 160), np.uint8)),

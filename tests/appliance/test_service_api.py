@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from appliance.api import create_api
 from appliance.config import config_from_dict
-from appliance.errors import ModelError
+from models.errors import ModelError
 from appliance.service import Appliance
 
 
@@ -95,8 +95,8 @@ def test_bad_requests_get_clear_4xx(client, files, data, status, words):
 
 def test_wrong_channel_frames(client):
     from PIL import Image
-    from appliance.errors import BadFrame
-    from appliance.preprocess import to_gray
+    from models.errors import BadFrame
+    from models.preprocess import to_gray
     with pytest.raises(BadFrame, match="channels"):
         to_gray(np.zeros((8, 8, 2), np.uint8))
     buffer = io.BytesIO()   # gray + alpha decodes to 4 channels: converted, not refused

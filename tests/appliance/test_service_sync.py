@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from appliance.config import config_from_dict
-from appliance.errors import ConfigError
+from models.errors import ConfigError
 from appliance import service
 from appliance.service import STOP_JOIN_S, Appliance
 from appliance.store import Store
 from models import bundle as lib
-from tests.helpers import BackgroundServer
+from tests.helpers import BackgroundServer, wait_for
 from training.hq import server as hq
+from training.hq import publish as hq_publish, state as hq_state
 
 APPLIANCE_ID = "a1"
 
@@ -72,7 +73,7 @@ def hq_server(tmp_path):
     """HQ with appliance a1 registered; yields (state_dir, server, token_file)."""
     state = tmp_path / "hq"
     token_file = tmp_path / "hq-token"
-    token_file.write_text(hq.add_appliance(state, APPLIANCE_ID) + "\n")
+    token_file.write_text(hq_state.add_appliance(state, APPLIANCE_ID) + "\n")
     with BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as server:
         yield state, server, token_file
 
@@ -101,16 +102,6 @@ def make_appliance(tiny_bundle, hq_server, tmp_path):
             app.stop()
 
 
-def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def synced(app: Appliance, action: str):
     """The last sync result once its model phase ended with `action`."""
     return lambda: app.last_sync if app.last_sync and app.last_sync["model"]["action"] == action else None
@@ -125,7 +116,7 @@ def inspected(app: Appliance) -> int:
 
 
 def fleet_entry(state: Path) -> dict:
-    return next(a for a in hq.fleet(state) if a["appliance_id"] == APPLIANCE_ID)
+    return next(a for a in hq_state.fleet(state) if a["appliance_id"] == APPLIANCE_ID)
 
 
 def current_version(app: Appliance) -> int | None:
@@ -140,7 +131,7 @@ def test_new_bundle_is_hot_swapped_without_stopping_inspection(make_appliance, h
     app = make_appliance()
     app.start()
     wait_for(lambda: inspected(app) >= 3, what="v1 inspections")
-    hq.publish_bundle(state, v2)
+    hq_publish.publish_bundle(state, v2)
     samples = []                                        # (monotonic time, inspections) while it swaps
     while not synced(app, "installed")():
         samples.append((time.monotonic(), inspected(app)))
@@ -168,7 +159,7 @@ def test_new_bundle_is_hot_swapped_without_stopping_inspection(make_appliance, h
 def test_bundle_failing_its_golden_check_is_rejected_and_v1_keeps_judging(make_appliance, hq_server,
                                                                           v2_bad_golden):
     state, _, _ = hq_server
-    hq.publish_bundle(state, v2_bad_golden)
+    hq_publish.publish_bundle(state, v2_bad_golden)
     app = make_appliance()
     app.start()
     result = wait_for(synced(app, "rejected"), what="the rejection")
@@ -186,7 +177,7 @@ def test_bundle_failing_its_golden_check_is_rejected_and_v1_keeps_judging(make_a
 
 def test_bundle_that_fails_in_inspection_is_rolled_back(make_appliance, hq_server, v2):
     state, _, _ = hq_server
-    hq.publish_bundle(state, v2)
+    hq_publish.publish_bundle(state, v2)
     app = make_appliance()
     open_runtime = app._open_runtime
 
@@ -243,7 +234,7 @@ def test_a_trial_on_an_idle_line_is_rolled_back_and_offered_again(make_appliance
     """No frames during the trial (the line paused) proves nothing against the model: the old
     model comes back, nothing is recorded as rejected, and the next pass tries it again."""
     state, _, _ = hq_server
-    hq.publish_bundle(state, v2)
+    hq_publish.publish_bundle(state, v2)
     camera = NoiseCamera()
     monkeypatch.setattr(service, "open_source", lambda spec: camera)
     app = make_appliance(source=0, commit_timeout_s=1)
@@ -266,7 +257,7 @@ def test_a_trial_on_an_idle_line_is_rolled_back_and_offered_again(make_appliance
 
 def test_a_model_too_slow_for_the_camera_is_rejected(make_appliance, hq_server, v2, monkeypatch):
     state, _, _ = hq_server
-    hq.publish_bundle(state, v2)
+    hq_publish.publish_bundle(state, v2)
     monkeypatch.setattr(service, "open_source", lambda spec: NoiseCamera())
     app = make_appliance(source=0, commit_timeout_s=1)
     app._open_runtime = slowed(app._open_runtime, 0.5)      # 2 judgements a second, camera at 50
@@ -289,7 +280,7 @@ def test_stop_ends_an_idle_sync_thread_promptly(make_appliance):
 
 def test_stop_during_a_trial_neither_commits_nor_rejects(make_appliance, hq_server, v2):
     state, _, _ = hq_server
-    hq.publish_bundle(state, v2)
+    hq_publish.publish_bundle(state, v2)
     app = make_appliance(commit_after_inspections=10_000, commit_timeout_s=600)
     app.start()
     wait_for(lambda: app.runtime.version == 2, what="the swap")
@@ -374,7 +365,7 @@ def test_int8_golden_failure_starts_on_fp32_and_says_so_everywhere(make_applianc
 
 
 def test_int8_golden_failure_refuses_with_the_cause_under_refuse(make_appliance, v1_int8_off):
-    from appliance.errors import ModelError
+    from models.errors import ModelError
     with pytest.raises(ModelError) as refused:
         make_appliance(bundle=str(v1_int8_off), on_golden_failure="refuse")
     message = str(refused.value)
@@ -384,7 +375,7 @@ def test_int8_golden_failure_refuses_with_the_cause_under_refuse(make_appliance,
 
 
 def test_a_bundle_whose_fp32_graphs_fail_too_is_refused_under_the_default(make_appliance, v2_bad_golden):
-    from appliance.errors import ModelError
+    from models.errors import ModelError
     with pytest.raises(ModelError, match="the fp32 graphs fail too"):
         make_appliance(bundle=str(v2_bad_golden))
 

@@ -14,8 +14,9 @@ import pytest
 import sqlite_utils
 
 from appliance import store as store_mod
-from appliance.errors import StoreError
+from models.errors import StoreError
 from appliance.store import DISK_FULL_ALARM, Store, apply_migrations
+from models.common import to_iso, utc
 
 ROOT = Path(__file__).resolve().parents[2]
 RANKING = [("crack in the upper left cell", 2.0), ("finger interruption", 1.0), ("no defect", -1.0)]
@@ -165,7 +166,8 @@ def test_a_prune_backlog_goes_in_batches(store):
 
 def test_prune_keeps_the_disk_budget_oldest_first(tmp_path, monkeypatch):
     same_ms = datetime(2026, 1, 1, tzinfo=timezone.utc)     # a fast line logs several frames per ms
-    monkeypatch.setattr(store_mod, "_utcnow", lambda: same_ms)
+    monkeypatch.setattr(store_mod, "to_iso", lambda moment=None, **kw: to_iso(moment or same_ms, **kw))
+    monkeypatch.setattr(store_mod, "utc", lambda moment=None: utc(moment or same_ms))     # prune's now
     frame_bytes = len(b"frame-0" * 100)
     with Store(tmp_path / "a.db", frame_budget_mb=2.5 * frame_bytes / 2 ** 20) as s:
         ids = [log(s, n) for n in range(5)]

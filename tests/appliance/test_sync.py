@@ -4,10 +4,7 @@ from __future__ import annotations
 import collections
 import json
 import random
-import select
 import socket
-import struct
-import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,161 +16,14 @@ from appliance.config import ApplianceConfig
 from appliance.store import Store
 from appliance.sync import RetryPolicy, sync_once
 from models import bundle as lib
+from tests.fault_proxy import FaultProxy
 from tests.helpers import BackgroundServer
 from training.hq import server as hq
+from training.hq import publish as hq_publish, state as hq_state
 
 LINE = "el-solar"
 RANKING = [("crack in the upper left cell", 2.0), ("finger interruption", 1.0),
            ("burn mark lower right", 0.5), ("no defect", -1.0)]
-
-
-# ---------------------------------------------------------------- the faulty network
-
-def _rst(sock: socket.socket) -> None:
-    """Close with a TCP reset instead of a FIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
-
-
-def _read_request(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return data
-
-
-class FaultProxy:
-    """A loopback TCP proxy in front of HQ. Each connection gets a fate, drawn from a seeded
-    generator by its sequence number (reproducible):
-      reset  - RST at once (connection reset by peer)
-      drop   - forward the request, let HQ answer (and commit), then RST before any answer byte
-      cut    - forward, then close after a few thousand answer bytes (a download breaks midway)
-      busy   - answer 503 with Retry-After: 3 without asking HQ
-      hang   - read the request, never answer (the client's read timeout fires)
-      outage - every connection in the window [start, end) is reset
-      pass   - relay both ways
-    """
-
-    def __init__(self, upstream_port: int, *, seed: int = 7, reset=0.0, drop=0.0, cut=0.0, busy=0.0, hang=0.0,
-                 outage=(0, 0), cut_bytes=(1500, 6000), drop_first: tuple[str, ...] = ()):
-        self.upstream = upstream_port
-        self.seed, self.outage, self.cut_bytes = seed, outage, cut_bytes
-        self.odds = [("reset", reset), ("drop", drop), ("cut", cut), ("busy", busy), ("hang", hang)]
-        self.fates: collections.Counter = collections.Counter()
-        self.range_requests = 0
-        self.count = 0
-        self.seen: list[tuple[str, str]] = []      # (fate, request line) of relayed requests
-        self.drop_first = list(drop_first)           # request-line prefixes: drop the first such answer
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def fate(self, n: int) -> tuple[str, random.Random]:
-        rng = random.Random(f"{self.seed}-{n}")
-        if self.outage[0] <= n < self.outage[1]:
-            return "outage", rng
-        x = rng.random()
-        for name, p in self.odds:
-            if x < p:
-                return name, rng
-            x -= p
-        return "pass", rng
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                return
-            with self._lock:
-                n, self.count = self.count, self.count + 1
-            fate, rng = self.fate(n)
-            self.fates[fate] += 1
-            t = threading.Thread(target=self._handle, args=(conn, fate, rng), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _handle(self, conn: socket.socket, fate: str, rng: random.Random) -> None:
-        try:
-            if fate in ("reset", "outage"):
-                return _rst(conn)
-            if fate == "busy":
-                _read_request(conn)
-                conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 3\r\n"
-                             b"Content-Length: 0\r\nConnection: close\r\n\r\n")
-                conn.shutdown(socket.SHUT_WR)
-                return conn.close()
-            if fate == "hang":
-                _read_request(conn)
-                select.select([conn], [], [], 10)         # until the client gives up
-                return conn.close()
-            limit = {"drop": 0, "cut": rng.randint(*self.cut_bytes)}.get(fate)
-            self._relay(conn, limit, fate)
-        except OSError:
-            conn.close()
-
-    def _relay(self, client: socket.socket, limit: int | None, fate: str) -> None:
-        upstream = socket.create_connection(("127.0.0.1", self.upstream))
-        down = 0
-        try:
-            while True:
-                ready, _, _ = select.select([client, upstream], [], [], 10)
-                if not ready:
-                    return
-                for sock in ready:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    if sock is client:
-                        with self._lock:
-                            if data[:8].split(b" ")[0] in (b"GET", b"HEAD", b"PUT", b"POST"):
-                                line = data.split(b"\r\n", 1)[0].decode()
-                                for prefix in [p for p in self.drop_first if line.startswith(p)][:1]:
-                                    self.drop_first.remove(prefix)
-                                    fate, limit = "drop", 0
-                                self.seen.append((fate, line))
-                            if b"\r\nrange: bytes=" in data.lower():
-                                self.range_requests += 1
-                        upstream.sendall(data)
-                        continue
-                    if limit is not None and down + len(data) > limit:
-                        if not limit:
-                            return _rst(client)           # drop: nothing of the answer arrives
-                        client.sendall(data[:limit - down])
-                        return client.shutdown(socket.SHUT_RDWR)   # cut: FIN (a RST would discard the bytes)
-                    client.sendall(data)
-                    down += len(data)
-        finally:
-            upstream.close()
-            client.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self.listener.close()
-        for t in self._threads:
-            t.join(timeout=2)
 
 
 class FakeTime:
@@ -211,8 +61,8 @@ def make_bundle(root: Path, private_key: Path, version: int, size: int = 60_000,
 @pytest.fixture()
 def world(tmp_path, hq_store):
     """HQ with an admin token and appliance a1; keys; the appliance's start bundle v1."""
-    state = hq.open_state(tmp_path / "hq", hq_store)
-    token = hq.add_appliance(state, "a1")
+    state = hq_state.open_state(tmp_path / "hq", hq_store)
+    token = hq_state.add_appliance(state, "a1")
     private, public = lib.generate_keypair(tmp_path / "keys", "hq")
     v1 = make_bundle(tmp_path / "src", private, 1)
     with BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as srv:
@@ -246,12 +96,12 @@ def client() -> httpx.Client:
 
 
 def publish(world, version: int, **kw) -> Path:
-    return hq.publish_bundle(world["state"], make_bundle(world["tmp"] / f"pub{version}", world["private"],
+    return hq_publish.publish_bundle(world["state"], make_bundle(world["tmp"] / f"pub{version}", world["private"],
                                                          version, **kw))
 
 
 def fleet_entry(world) -> dict:
-    return next(a for a in hq.fleet(world["state"]) if a["appliance_id"] == "a1")
+    return next(a for a in hq_state.fleet(world["state"]) if a["appliance_id"] == "a1")
 
 
 class Swap:
@@ -285,13 +135,13 @@ def test_every_outbox_row_reaches_hq_exactly_once_through_a_faulty_network(world
     finally:
         proxy.close()
     outbox = store._query("SELECT idempotency_key, sent_at FROM outbox")
-    at_hq = [r["idempotency_key"] for r in hq.feedback_records(world["state"]) if r["appliance_id"] == "a1"]
+    at_hq = [r["idempotency_key"] for r in hq_state.feedback_records(world["state"]) if r["appliance_id"] == "a1"]
     assert len(outbox) == 100
     assert all(r["sent_at"] for r in outbox)
     assert sorted(at_hq) == sorted(r["idempotency_key"] for r in outbox)     # each exactly once
     assert collections.Counter(at_hq).most_common(1)[0][1] == 1
-    frames = {r["payload"]["frame_sha256"] for r in hq.feedback_records(world["state"])}
-    assert len(frames) == 25 and all(hq.frame_path(world["state"], sha).is_file() for sha in frames)
+    frames = {r["payload"]["frame_sha256"] for r in hq_state.feedback_records(world["state"])}
+    assert len(frames) == 25 and all(hq_state.frame_path(world["state"], sha).is_file() for sha in frames)
     # the network really misbehaved, and the passes survived it without raising
     assert proxy.fates["reset"] > 5 and proxy.fates["outage"] == 35
     dropped = [line for fate, line in proxy.seen if fate == "drop"]
@@ -319,7 +169,7 @@ def test_rows_are_marked_sent_only_on_2xx_and_retry_after_is_honoured(world):
     assert not result["ok"] and result["sent"] == 0 and result["pending"] == 8
     assert "503" in " ".join(result["errors"])
     assert fake.sleeps and set(fake.sleeps) == {3.0}
-    assert hq.feedback_records(world["state"]) == []
+    assert hq_state.feedback_records(world["state"]) == []
     rows = store._query("SELECT sent_at, attempts FROM outbox")
     assert all(r["sent_at"] is None and r["attempts"] == 4 for r in rows)
     store.close()
@@ -487,7 +337,7 @@ def test_tampered_bundle_from_hq_is_refused(world, tamper):
 
 def test_untrusted_signer_is_refused_before_downloading(world):
     rogue, _ = lib.generate_keypair(world["tmp"] / "rogue", "hq")   # same key id, other key
-    hq.publish_bundle(world["state"], make_bundle(world["tmp"] / "r", rogue, 2))
+    hq_publish.publish_bundle(world["state"], make_bundle(world["tmp"] / "r", rogue, 2))
     proxy = FaultProxy(world["srv"].port)
     cfg, store = appliance(world, proxy.url)
     try:
@@ -515,7 +365,7 @@ def test_downgrade_is_refused(world):
 def test_expired_bundle_is_refused_and_the_old_model_keeps_serving(world):
     stale = make_bundle(world["tmp"] / "stale", world["private"], 2,
                         created=datetime.now(timezone.utc) - timedelta(days=60))    # expired 30 days ago
-    hq.publish_bundle(world["state"], stale)
+    hq_publish.publish_bundle(world["state"], stale)
     cfg, store = appliance(world, world["srv"].url)
     swap = Swap()
     result = run(world, cfg, store, swap)
@@ -543,9 +393,9 @@ def test_bundle_download_resumes_with_range(world):
 
 
 def test_bundle_over_the_total_cap_is_not_downloaded(world, monkeypatch):
-    from appliance import sync
+    from appliance import model_update
     publish(world, 2)
-    monkeypatch.setattr(sync, "MAX_BUNDLE_BYTES", 1000)
+    monkeypatch.setattr(model_update, "MAX_BUNDLE_BYTES", 1000)
     cfg, store = appliance(world, world["srv"].url)
     swap = Swap()
     result = run(world, cfg, store, swap)

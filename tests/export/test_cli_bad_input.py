@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError
+from models.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from appliance.errors import ConfigError
+from models.errors import ConfigError
 from appliance.scoring.onnx_backend import OnnxBackend
 from export.build_bundle import ExportGateError, ExportOptions, checkpoint_to_bundle
 from models import bundle as lib
@@ -75,8 +75,8 @@ def test_bundle_eval_matches_the_torch_eval_in_fp32_and_reports_the_int8_drop(ti
 
 def test_escapes_are_the_misses_that_no_flag_catches(tiny_bundle):
     """Flag everything: nothing escapes; flag nothing: every missed defective cell escapes."""
-    from appliance.candidates import load_catalog
-    from appliance.preprocess import PreprocessSpec, TextTokenizer
+    from models.catalog import load_catalog
+    from models.preprocess import PreprocessSpec, TextTokenizer
     from export.decide_stats import catalog_outputs
     from training.data.batches import elpv_set
     from export.evaluate_bundle import operator_metrics

@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-from appliance.preprocess import PreprocessSpec, frame_to_input
+from models.preprocess import PreprocessSpec, frame_to_input
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import quantize
 from export.build_bundle import ExportGateError, _saturation_checked
@@ -107,7 +107,7 @@ GOLDEN_REWARDS = """
 import json, sys
 import cv2, numpy as np
 from pathlib import Path
-from appliance.preprocess import PreprocessSpec, frame_to_input
+from models.preprocess import PreprocessSpec, frame_to_input
 from appliance.scoring.onnx_backend import OnnxBackend
 bundle = Path(sys.argv[1])
 spec = PreprocessSpec.from_dict(json.loads((bundle / "manifest.json").read_text())["preprocessing"])

@@ -46,7 +46,7 @@ def test_missing_provider_is_refused_not_silently_replaced(tiny_bundle):
     ort = pytest.importorskip("onnxruntime")
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         pytest.skip("TensorRT provider present; the refusal path is for machines without it")
-    from appliance.errors import ModelError
+    from models.errors import ModelError
     from appliance.scoring.onnx_backend import OnnxBackend
     with pytest.raises(ModelError, match="not available"):
         OnnxBackend(tiny_bundle[0], ("tensorrt", "cpu"))

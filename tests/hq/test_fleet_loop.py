@@ -10,7 +10,7 @@ import pytest
 
 from appliance import models_install
 from appliance.config import ApplianceConfig
-from appliance.preprocess import read_image
+from models.preprocess import read_image
 from appliance.service import Appliance
 from appliance.sync import sync_once
 from export.build_bundle import export_with_settings
@@ -19,6 +19,7 @@ from training.config import load_config
 from training.data import elpv
 from tests.helpers import BackgroundServer
 from training.hq import server as hq
+from training.hq import publish as hq_publish, state as hq_state
 from training.hq.retrain import RetrainError, RetrainOptions, gate, retrain, split_by_inspection
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,9 +59,9 @@ def _least_liked(app: Appliance, frames) -> str:
 @pytest.fixture()
 def fleet(tiny_run, tiny_bundle, tmp_path, hq_store):
     bundle, public, _ = tiny_bundle
-    state = hq.open_state(tmp_path / "hq", hq_store)
-    tokens = {name: hq.add_appliance(state, name) for name in ("a1", "a2")}
-    hq.publish_bundle(state, bundle)
+    state = hq_state.open_state(tmp_path / "hq", hq_store)
+    tokens = {name: hq_state.add_appliance(state, name) for name in ("a1", "a2")}
+    hq_publish.publish_bundle(state, bundle)
     with BackgroundServer(hq.create_hq_app(state, admin_token="admin")) as srv:
         apps = {name: _appliance(tmp_path, name, bundle, public, srv.url, tokens[name]) for name in tokens}
         yield {"state": state, "apps": apps, "public": public, "private": public.with_suffix(".key"),
@@ -81,7 +82,7 @@ def test_reviews_train_a_new_bundle_that_every_appliance_installs(fleet):
     sent = sync_once(a1.cfg, a1.store)
     assert sent["ok"] and sent["pending"] == 0, sent
     outbox = a1.store._query("SELECT idempotency_key FROM outbox")
-    stored = hq.feedback_records(fleet["state"])
+    stored = hq_state.feedback_records(fleet["state"])
     assert sorted(r["idempotency_key"] for r in stored) == sorted(r["idempotency_key"] for r in outbox)
     assert all(r["appliance_id"] == "a1" for r in stored)
 
@@ -100,7 +101,7 @@ def test_reviews_train_a_new_bundle_that_every_appliance_installs(fleet):
         assert result["sent"] == 0
     again = sync_once(a1.cfg, a1.store)
     assert again["sent"] == 0 and again["model"]["action"] == "up-to-date"
-    assert len(hq.feedback_records(fleet["state"])) == len(stored)      # nothing duplicated
+    assert len(hq_state.feedback_records(fleet["state"])) == len(stored)      # nothing duplicated
 
     for name in ("a1", "a2"):
         cfg = fleet["apps"][name].cfg
@@ -119,7 +120,7 @@ def test_reviews_train_a_new_bundle_that_every_appliance_installs(fleet):
     versions = {r["id"]: r["model_version"] for r in restarted.store._query("SELECT id, model_version FROM inspections")}
     assert judgement.model_version == 2 and versions[iid] == 2
     assert {versions[i] for i in reviewed} == {1}
-    fleet_view = {a["appliance_id"]: a for a in hq.fleet(fleet["state"])}
+    fleet_view = {a["appliance_id"]: a for a in hq_state.fleet(fleet["state"])}
     assert fleet_view["a1"]["model_version"] == 2 and fleet_view["a2"]["model_version"] == 2
 
 
@@ -150,7 +151,7 @@ def test_heldout_reviews_are_whole_inspections_and_stable():
 
 
 def test_a_fleet_config_cannot_be_run_by_train(tmp_path):
-    from appliance.errors import ConfigError
+    from models.errors import ConfigError
     from training.train import train
     with pytest.raises(ConfigError, match="hq retrain"):
         train(load_config(FLEET_TINY), tmp_path / "x")

@@ -16,6 +16,8 @@ import pytest
 from models import bundle as lib
 from tests.helpers import BackgroundServer
 from training.hq import server as hq
+from training.hq import publish as hq_publish, state as hq_state
+from training.hq.state import DB_MARKER, HQError
 
 LINE = "el-solar"
 ADMIN = "admin-secret"
@@ -34,14 +36,14 @@ def make_bundle(root: Path, private_key: Path, version: int, line: str = LINE, s
     return out
 
 
-def snapshot(state: hq.HQState) -> dict:
+def snapshot(state: hq_state.HQState) -> dict:
     """Every file under the state dir (the database by content of its tables) -> digest."""
     files = {str(p.relative_to(state.dir)): hashlib.sha256(p.read_bytes()).hexdigest()
              for p in sorted(state.dir.rglob("*")) if p.is_file() and not p.name.startswith("hq.db")}
     with state.db.connect() as db:
         for table in ("appliances", "batches", "bundles", "installs"):
             files[table] = db.query(f"SELECT * FROM {table} ORDER BY 1, 2")
-    files["feedback"] = [(r["appliance_id"], r["idempotency_key"]) for r in hq.feedback_records(state)]
+    files["feedback"] = [(r["appliance_id"], r["idempotency_key"]) for r in hq_state.feedback_records(state)]
     return files
 
 
@@ -49,11 +51,11 @@ def snapshot(state: hq.HQState) -> dict:
 def env(tmp_path, request):
     """HQ on loopback with appliances a1, b2 and bundle v2 published; once on SQLite, once on PostgreSQL."""
     url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    state = hq.open_state(tmp_path / "hq", url)
-    tokens = {"a1": hq.add_appliance(state, "a1"), "b2": hq.add_appliance(state, "b2")}
+    state = hq_state.open_state(tmp_path / "hq", url)
+    tokens = {"a1": hq_state.add_appliance(state, "a1"), "b2": hq_state.add_appliance(state, "b2")}
     private, public = lib.generate_keypair(tmp_path / "keys", "hq")
     bundle = make_bundle(tmp_path / "src", private, 2)
-    published = hq.publish_bundle(state, bundle, key_files=[public])
+    published = hq_publish.publish_bundle(state, bundle, key_files=[public])
     with BackgroundServer(hq.create_hq_app(state, admin_token=ADMIN)) as srv, \
             httpx.Client(base_url=srv.url, timeout=10) as client:
         yield {"state": state, "tokens": tokens, "client": client, "srv": srv, "bundle": bundle,
@@ -111,17 +113,17 @@ def test_auth_missing_unknown_and_foreign_token(env):
     assert c.get(f"/v1/lines/{LINE}/manifest").status_code == 401
     assert c.get(f"/v1/lines/{LINE}/bundles/2/scorer.onnx", headers=auth("nope")).status_code == 401
     assert c.put("/v1/frames/" + "0" * 64, content=b"x").status_code == 401
-    assert hq.feedback_records(env["state"]) == []
+    assert hq_state.feedback_records(env["state"]) == []
     assert c.post(url, json=batch("k1"), headers={**headers, **auth(tok["a1"])}).status_code == 200
 
 
 def test_rotating_a_token_revokes_the_old_one(env):
     c, old = env["client"], env["tokens"]["a1"]
-    new = hq.add_appliance(env["state"], "a1")
+    new = hq_state.add_appliance(env["state"], "a1")
     assert c.get("/v1/whoami", headers=auth(old)).status_code == 401
     assert c.get("/v1/whoami", headers=auth(new)).json() == {"appliance_id": "a1"}
-    with pytest.raises(hq.HQError):
-        hq.add_appliance(env["state"], "../evil")
+    with pytest.raises(HQError):
+        hq_state.add_appliance(env["state"], "../evil")
 
 
 def test_fleet_needs_the_admin_token(env):
@@ -148,7 +150,7 @@ def test_fleet_needs_the_admin_token(env):
 
 def test_fleet_disabled_without_admin_token(tmp_path):
     state = tmp_path / "hq"
-    token = hq.add_appliance(state, "a1")
+    token = hq_state.add_appliance(state, "a1")
     with BackgroundServer(hq.create_hq_app(state)) as srv, httpx.Client(base_url=srv.url) as c:
         assert c.get("/v1/fleet", headers=auth(token)).status_code == 403
         r = c.get("/v1/fleet", headers=auth("anything"))
@@ -173,11 +175,11 @@ def test_same_batch_twice_is_stored_once(env):
     # the same record key from another appliance is another record
     hb = {**auth(env["tokens"]["b2"]), "Idempotency-Key": "batch-1"}
     assert c.post("/v1/appliances/b2/feedback", json=batch("k1"), headers=hb).json()["stored"] == 1
-    rows = hq.feedback_records(env["state"])
+    rows = hq_state.feedback_records(env["state"])
     assert sorted((r["appliance_id"], r["idempotency_key"]) for r in rows) == [
         ("a1", "k1"), ("a1", "k2"), ("a1", "k3"), ("a1", "k4"), ("b2", "k1")]
     assert rows[0]["payload"] == {"chosen": "a", "rejected": "k1"}
-    assert hq.feedback_records(env["state"], kind="review") == []
+    assert hq_state.feedback_records(env["state"], kind="review") == []
 
 
 def test_a_batch_sent_by_many_workers_at_once_is_stored_once(env):
@@ -197,7 +199,7 @@ def test_a_batch_sent_by_many_workers_at_once_is_stored_once(env):
     assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
     assert sorted(r.json()["replayed"] for r in answers) == [False] + [True] * 7
     assert {tuple(r.json()["accepted"]) for r in answers} == {tuple(f"r{i}" for i in range(20))}
-    assert sorted(r["idempotency_key"] for r in hq.feedback_records(env["state"])) == sorted(f"r{i}" for i in range(20))
+    assert sorted(r["idempotency_key"] for r in hq_state.feedback_records(env["state"])) == sorted(f"r{i}" for i in range(20))
 
 
 def test_feedback_validation(env):
@@ -213,7 +215,7 @@ def test_feedback_validation(env):
                         {"idempotency_key": "nul\x00key", "kind": "review", "payload": {}}, "junk"]}
     r = c.post(url, json=body, headers=h).json()
     assert r["accepted"] == ["ok"] and len(r["rejected"]) == 4        # PostgreSQL text cannot hold NUL
-    assert [x["idempotency_key"] for x in hq.feedback_records(env["state"], kind="review")] == ["ok"]
+    assert [x["idempotency_key"] for x in hq_state.feedback_records(env["state"], kind="review")] == ["ok"]
     too_many = batch(*[f"k{i}" for i in range(hq.MAX_BATCH_RECORDS + 1)])
     assert c.post(url, json=too_many, headers={**h, "Idempotency-Key": "big"}).status_code == 413
 
@@ -228,7 +230,7 @@ def test_frames_are_content_addressed(env):
     assert c.put(f"/v1/frames/{sha}", content=data, headers=h).status_code == 201
     assert c.put(f"/v1/frames/{sha}", content=data, headers=h).status_code == 200
     assert c.head(f"/v1/frames/{sha}", headers=h).status_code == 200
-    assert hq.frame_path(env["state"], sha).read_bytes() == data
+    assert hq_state.frame_path(env["state"], sha).read_bytes() == data
     before = snapshot(env["state"])
     other = hashlib.sha256(b"other").hexdigest()
     r = c.put(f"/v1/frames/{other}", content=data, headers=h)
@@ -247,7 +249,7 @@ def test_feedback_records_point_at_uploaded_frames(env):
     c.put(f"/v1/frames/{sha}", content=data, headers=h)
     rec = {"records": [{"idempotency_key": "r1", "kind": "review", "payload": {"frame_sha256": sha}}]}
     c.post("/v1/appliances/a1/feedback", json=rec, headers={**h, "Idempotency-Key": "x"})
-    [row] = hq.feedback_records(env["state"])
+    [row] = hq_state.feedback_records(env["state"])
     assert Path(row["frame_file"]).read_bytes() == data
 
 
@@ -260,27 +262,27 @@ def test_manifest_is_the_latest_published(env):
     assert r.content == (env["bundle"] / lib.MANIFEST).read_bytes()
     assert c.get("/v1/lines/other-line/manifest", headers=h).status_code == 404
     v3 = make_bundle(env["tmp"] / "src", env["keys"][0], 3)
-    hq.publish_bundle(env["state"], v3)
+    hq_publish.publish_bundle(env["state"], v3)
     assert c.get(f"/v1/lines/{LINE}/manifest", headers=h).headers["x-bundle-version"] == "3"
-    with pytest.raises(hq.HQError, match="must increase"):
-        hq.publish_bundle(env["state"], make_bundle(env["tmp"] / "old", env["keys"][0], 1))
-    with pytest.raises(hq.HQError, match="must increase"):
-        hq.publish_bundle(env["state"], v3)
+    with pytest.raises(HQError, match="must increase"):
+        hq_publish.publish_bundle(env["state"], make_bundle(env["tmp"] / "old", env["keys"][0], 1))
+    with pytest.raises(HQError, match="must increase"):
+        hq_publish.publish_bundle(env["state"], v3)
 
 
 def test_publish_refuses_broken_bundles(env):
     private, public = env["keys"]
     bad = make_bundle(env["tmp"] / "bad", private, 5)
     (bad / "scorer.onnx").write_bytes(b"changed after signing")
-    with pytest.raises(hq.HQError):
-        hq.publish_bundle(env["state"], bad)
+    with pytest.raises(HQError):
+        hq_publish.publish_bundle(env["state"], bad)
     unsigned = make_bundle(env["tmp"] / "unsigned", private, 6)
     (unsigned / lib.SIGNATURE).unlink()
-    with pytest.raises(hq.HQError, match="sign"):
-        hq.publish_bundle(env["state"], unsigned)
+    with pytest.raises(HQError, match="sign"):
+        hq_publish.publish_bundle(env["state"], unsigned)
     extra = make_bundle(env["tmp"] / "extra", private, 7)
     (extra / "stray.txt").write_text("not listed")
-    dest = hq.publish_bundle(env["state"], extra, key_files=None)
+    dest = hq_publish.publish_bundle(env["state"], extra, key_files=None)
     assert not (dest / "stray.txt").exists() and (dest / "scorer.onnx").exists()
 
 
@@ -341,15 +343,15 @@ def test_links_out_of_the_bundle_are_not_served(env):
 
 def test_a_state_dir_remembers_its_database(tmp_path, postgres_url):
     """A command run without the URL must not quietly start a second, empty SQLite HQ."""
-    state = hq.open_state(tmp_path / "hq", postgres_url)
-    hq.add_appliance(state, "a1")
+    state = hq_state.open_state(tmp_path / "hq", postgres_url)
+    hq_state.add_appliance(state, "a1")
     state.close()
-    with pytest.raises(hq.HQError, match="PostgreSQL|postgresql://postgres@") as err:
-        hq.add_appliance(tmp_path / "hq", "a2")
+    with pytest.raises(HQError, match="PostgreSQL|postgresql://postgres@") as err:
+        hq_state.add_appliance(tmp_path / "hq", "a2")
     assert "--database-url" in str(err.value)
     assert not (tmp_path / "hq" / "hq.db").exists()
-    again = hq.open_state(tmp_path / "hq", postgres_url)
-    assert [a["appliance_id"] for a in hq.fleet(again)] == ["a1"]
+    again = hq_state.open_state(tmp_path / "hq", postgres_url)
+    assert [a["appliance_id"] for a in hq_state.fleet(again)] == ["a1"]
     again.close()
 
 
@@ -359,13 +361,13 @@ def test_unreachable_database_is_a_clear_error_without_the_password(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]                  # nothing listens here
-    state = hq.open_state(tmp_path / "hq", f"postgresql://hq:s3cret@127.0.0.1:{port}/fleet")
+    state = hq_state.open_state(tmp_path / "hq", f"postgresql://hq:s3cret@127.0.0.1:{port}/fleet")
     with pytest.raises(HQDatabaseError) as err:
-        hq.add_appliance(state, "a1")
+        hq_state.add_appliance(state, "a1")
     assert f"127.0.0.1:{port}" in str(err.value) and "s3cret" not in str(err.value)
-    assert not (tmp_path / "hq" / hq.DB_MARKER).exists()      # not bound to a database it never reached
+    assert not (tmp_path / "hq" / DB_MARKER).exists()      # not bound to a database it never reached
     with pytest.raises(HQDatabaseError, match="postgresql://"):
-        hq.open_state(tmp_path / "other", "mysql://root@db/hq")
+        hq_state.open_state(tmp_path / "other", "mysql://root@db/hq")
 
 
 @pytest.mark.parametrize("url", [
@@ -379,16 +381,16 @@ def test_the_password_never_reaches_a_message_or_the_marker(tmp_path, url):
     from training.hq.db import HQDatabaseError, redact
     assert "s3cret" not in redact(url)
     with pytest.raises(HQDatabaseError) as err:
-        hq.add_appliance(hq.open_state(tmp_path / "hq", url), "a1")
+        hq_state.add_appliance(hq_state.open_state(tmp_path / "hq", url), "a1")
     assert "s3cret" not in str(err.value) and "Traceback" not in str(err.value)
-    assert not (tmp_path / "hq" / hq.DB_MARKER).exists()
+    assert not (tmp_path / "hq" / DB_MARKER).exists()
 
 
 def test_an_existing_sqlite_hq_is_not_switched_to_an_empty_database(tmp_path, postgres_url):
-    hq.add_appliance(tmp_path / "hq", "a1")
-    (tmp_path / "hq" / hq.DB_MARKER).unlink()        # as made before the marker existed
-    with pytest.raises(hq.HQError, match="SQLite"):
-        hq.open_state(tmp_path / "hq", postgres_url)
+    hq_state.add_appliance(tmp_path / "hq", "a1")
+    (tmp_path / "hq" / DB_MARKER).unlink()        # as made before the marker existed
+    with pytest.raises(HQError, match="SQLite"):
+        hq_state.open_state(tmp_path / "hq", postgres_url)
 
 
 def test_a_user_without_create_rights_gets_told_what_to_grant(tmp_path, postgres_url):
@@ -400,14 +402,14 @@ def test_a_user_without_create_rights_gets_told_what_to_grant(tmp_path, postgres
         conn.execute(f"CREATE ROLE {role} LOGIN")
     limited = postgres_url.replace("postgresql://postgres@", f"postgresql://{role}@")
     with pytest.raises(HQDatabaseError, match="GRANT CREATE"):
-        hq.add_appliance(hq.open_state(tmp_path / "hq", limited), "a1")
+        hq_state.add_appliance(hq_state.open_state(tmp_path / "hq", limited), "a1")
 
 
 def test_big_counters_fit_on_both_stores(env):
     c, h = env["client"], auth(env["tokens"]["a1"])
     status = {"inspections": 2 ** 40, "backlog": 2 ** 33, "flag_rate": 0.123456789012}
     assert c.post("/v1/appliances/a1/status", json=status, headers=h).status_code == 200
-    row = next(a for a in hq.fleet(env["state"]) if a["appliance_id"] == "a1")
+    row = next(a for a in hq_state.fleet(env["state"]) if a["appliance_id"] == "a1")
     assert row["inspections"] == 2 ** 40 and row["backlog"] == 2 ** 33
     assert row["flag_rate"] == pytest.approx(0.123456789012, abs=1e-12)
 
@@ -429,8 +431,8 @@ def test_hq_commands_take_the_database_from_the_environment(tmp_path, postgres_u
     added = cli("--appliance", "cam1", url=postgres_url)
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip().rsplit(" ", 1)[-1]
-    state = hq.open_state(tmp_path / "hq", postgres_url)
-    assert hq.appliance_for_token(state, token) == "cam1"
+    state = hq_state.open_state(tmp_path / "hq", postgres_url)
+    assert hq_state.appliance_for_token(state, token) == "cam1"
     state.close()
     forgot = cli("--appliance", "cam2")
     assert forgot.returncode == 2 and "LINEJUDGE_HQ_DATABASE_URL" in forgot.stderr
@@ -445,7 +447,7 @@ def test_publish_refuses_an_unsafe_path_through_the_bundle_check(env, path):
     manifest = json.loads((bundle / lib.MANIFEST).read_text())
     manifest["files"].append({"path": path, "bytes": 1, "sha256": "0" * 64})
     lib.write_manifest(bundle, manifest)
-    before = hq.latest_bundle(env["state"], manifest["line"])
-    with pytest.raises(hq.HQError, match="not publishing.*" + re.escape(repr(path))):
-        hq.publish_bundle(env["state"], bundle)
-    assert hq.latest_bundle(env["state"], manifest["line"]) == before < 8
+    before = hq_publish.latest_bundle(env["state"], manifest["line"])
+    with pytest.raises(HQError, match="not publishing.*" + re.escape(repr(path))):
+        hq_publish.publish_bundle(env["state"], bundle)
+    assert hq_publish.latest_bundle(env["state"], manifest["line"]) == before < 8

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from appliance.errors import ConfigError
+from models.errors import ConfigError
 from models import bundle as lib
 from models.reward_model import load_model
 from training.config import load_config
 from training.data import elpv
 from training.hq import server as hq
+from training.hq import state as hq_state
 from training.hq.retrain import RetrainError, RetrainOptions, base_models, retrain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,9 +29,9 @@ BAD = "No defect: monocrystalline cell fully active"
 
 def send_reviews(state_dir: Path, batch: str, reviews: list[tuple[int, bytes, str, str]]) -> None:
     """Upload (inspection id, frame bytes, chosen, rejected) as appliance a1 would, over the HQ API."""
-    state = hq.open_state(state_dir)
+    state = hq_state.open_state(state_dir)
     try:
-        token = hq.add_appliance(state, "a1")
+        token = hq_state.add_appliance(state, "a1")
         headers = {"Authorization": f"Bearer {token}"}
         with TestClient(hq.create_hq_app(state)) as client:
             records = []

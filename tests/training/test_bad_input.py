@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.errors import BadExplanation, BadFrame, ConfigError
-from appliance.preprocess import check_explanation, decode_image_bytes, read_image
+from models.errors import BadExplanation, BadFrame, ConfigError
+from models.preprocess import check_explanation, decode_image_bytes, read_image
 from training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]

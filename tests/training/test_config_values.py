@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError
+from models.errors import ConfigError
 from training.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"

@@ -30,7 +30,7 @@ def test_every_stage_trains_every_parameter_and_lowers_the_loss(tiny_run):
 
 def test_image_stages_keep_the_epoch_their_select_figure_names(tiny_run):
     """History logs val ELPV binary accuracy per epoch; the saved model is the selected epoch's."""
-    from appliance.preprocess import PreprocessSpec
+    from models.preprocess import PreprocessSpec
     from models.reward_model import load_model
     from training.config import SELECT_BY
     from training.data.batches import elpv_set

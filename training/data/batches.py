@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from appliance.candidates import Catalog, load_catalog, CATALOG_DIR
+from models.catalog import Catalog, load_catalog, CATALOG_DIR
 from training.data import elpv, synthetic
 
 EL_CATALOG = CATALOG_DIR / "el_solar.yaml"

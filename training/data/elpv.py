@@ -88,7 +88,7 @@ def cells_for(part: str, limit: int | None = None, seed: int = 0) -> list[ElpvCe
 
 def load_images(cells: list[ElpvCell], size: int) -> np.ndarray:
     """(N, size, size) uint8 grayscale, resized with INTER_AREA like the appliance."""
-    from appliance.preprocess import resize_gray
+    from models.preprocess import resize_gray
     out = np.empty((len(cells), size, size), np.uint8)
     for i, cell in enumerate(cells):
         image = cv2.imread(str(cell.path), cv2.IMREAD_GRAYSCALE)

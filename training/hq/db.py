@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from appliance.errors import LinejudgeError
+from models.errors import LinejudgeError
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS appliances (

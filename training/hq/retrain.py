@@ -30,15 +30,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from appliance.config import is_whole
-from appliance.errors import BadExplanation, ConfigError, LinejudgeError
-from appliance.preprocess import check_explanation, read_image, resize_gray
+from models.common import is_whole
+from models.errors import BadExplanation, ConfigError, LinejudgeError
+from models.preprocess import check_explanation, read_image, resize_gray
 from models import bundle as bundle_lib
 from models.reward_model import RewardModel, load_model
 from training.config import FLEET_STAGES, TrainConfig
 from training.data import elpv
 from training.data.batches import CandidateSet, el_catalog, entry_index
-from training.hq import server as hq
+from training.hq.publish import bundle_dir_of, latest_bundle, publish_bundle
+from training.hq.state import HQState, feedback_records, open_state
 from training.stages import Encoder, pairwise_accuracy, run_stage
 from training.train import (claim_run_dir, build_data, check_no_test_cells, elpv_val_figures, preprocess_spec,
                             seed_everything)
@@ -58,7 +59,7 @@ ExportBundle = Callable[[Path, Path, dict], object]
 
 @dataclass(frozen=True)
 class RetrainOptions:
-    hq_state: "hq.HQState | Path"    # a directory means SQLite in it
+    hq_state: "HQState | Path"    # a directory means SQLite in it
     base_run: Path                    # run dir holding multimodal/ or fleet/ {model,proxy} and distill/model
     out: Path
     line: str = "el-solar"
@@ -89,10 +90,10 @@ class FleetSet(CandidateSet):
         return [pair["chosen"], pair["rejected"]]
 
 
-def fleet_pairs(hq_state: "hq.HQState | Path") -> list[dict]:
+def fleet_pairs(hq_state: "HQState | Path") -> list[dict]:
     """Preference records with an uploaded frame, as {key, inspection, chosen, rejected, frame_file}."""
     out = []
-    for rec in hq.feedback_records(hq_state, kind="preference"):
+    for rec in feedback_records(hq_state, kind="preference"):
         p = rec["payload"]
         if rec["frame_file"]:
             out.append({"key": f"{rec['appliance_id']}/{rec['idempotency_key']}",
@@ -154,11 +155,11 @@ def golden_accuracy(model, enc: Encoder, golden_cells: list[str]) -> float | Non
     return float((r.argmax(1) == truth).mean())
 
 
-def published_golden_cells(hq_state: "hq.HQState | Path", line: str) -> list[str]:
-    version = hq.latest_bundle(hq_state, line)
+def published_golden_cells(hq_state: "HQState | Path", line: str) -> list[str]:
+    version = latest_bundle(hq_state, line)
     if version is None:
         return []
-    expected = hq.open_state(hq_state).dir / "bundles" / line / str(version) / "golden" / "expected.json"
+    expected = bundle_dir_of(open_state(hq_state), line, version) / "golden" / "expected.json"
     return [row["cell"] for row in json.loads(expected.read_text())] if expected.exists() else []
 
 
@@ -268,7 +269,7 @@ def retrain(cfg: TrainConfig, opts: RetrainOptions, export_bundle: ExportBundle 
         print(f"skipped fleet records: {skipped['elpv_test_frames']} ELPV test frames, "
               f"{skipped['bad_explanations']} with an empty or overlong explanation", flush=True)
     if len({p["inspection"] for p in pairs}) < 2:
-        raise RetrainError(f"HQ at {hq.open_state(opts.hq_state).dir} holds usable reviews of "
+        raise RetrainError(f"HQ at {open_state(opts.hq_state).dir} holds usable reviews of "
                            f"{len({p['inspection'] for p in pairs})} inspection(s) with frames; fleet retraining "
                            "needs at least 2 (one is held out). Let the appliances sync their reviews first.")
     train_pairs, held_pairs = claim_fleet_inputs(out, base, opts, pairs)
@@ -312,7 +313,7 @@ def retrain(cfg: TrainConfig, opts: RetrainOptions, export_bundle: ExportBundle 
 
 
 def _export_and_publish(out: Path, opts: RetrainOptions, report: dict, export_bundle: ExportBundle) -> dict:
-    parent = hq.latest_bundle(opts.hq_state, opts.line)
+    parent = latest_bundle(opts.hq_state, opts.line)
     version = (parent or 0) + 1
     settings = {"line": opts.line, "version": version, "key": opts.key, "key_id": opts.key_id,
                 "parent_version": parent, "feedback_ids": tuple(report["feedback_ids"]),
@@ -320,7 +321,7 @@ def _export_and_publish(out: Path, opts: RetrainOptions, report: dict, export_bu
                 "gate_points": opts.int8_gate_points, "gate_top1": opts.int8_gate_top1}
     bundle_dir = out / "bundle" / f"{opts.line}-v{version}"
     export_bundle(out, bundle_dir, settings)
-    published = hq.publish_bundle(opts.hq_state, bundle_dir)
+    published = publish_bundle(opts.hq_state, bundle_dir)
     return {"version": version, "parent_version": parent, "bundle": str(bundle_dir), "hq_path": str(published)}
 
 

@@ -1,4 +1,5 @@
-"""Domain exceptions. Each message says what is wrong and what to do about it."""
+"""Domain exceptions, one root (LinejudgeError) for every floor. Each message says what is wrong
+and what to do about it."""
 
 
 class LinejudgeError(Exception):

@@ -4,12 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from models.common import read_yaml
+from models.errors import ConfigError
+from models.preprocess import check_explanation
 
-from appliance.errors import ConfigError
-from appliance.preprocess import check_explanation
-
-CATALOG_DIR = Path(__file__).resolve().parent.parent / "models" / "catalogs"
+CATALOG_DIR = Path(__file__).resolve().parent / "catalogs"
 
 
 @dataclass(frozen=True)
@@ -41,14 +40,11 @@ class Catalog:
 
 
 def load_catalog(path: str | Path) -> Catalog:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"catalog {path} does not exist; list the files in {CATALOG_DIR}")
+    data = read_yaml(path, "catalog", f"list the files in {CATALOG_DIR}")
     try:
-        data = yaml.safe_load(path.read_text())
         entries = tuple(_entry(e) for e in data["entries"])
         catalog = Catalog(str(data["line"]), str(data.get("description", "")), entries)
-    except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"catalog {path} is malformed ({exc}); each entry needs id, facts "
                           f"and a non-empty list of texts") from None
     if len({e.id for e in entries}) != len(entries) or not entries:
