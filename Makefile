@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: run test test-latest lock browser postgres qemu install train-demo train-full eval-full default-bundle requantize-default-bundle bench xdist clean
+.PHONY: run test test-latest lock browser postgres qemu install install-appliance train-demo train-full eval-full default-bundle requantize-default-bundle bench xdist clean
 
 # Every install step is constrained by the lock: pip itself goes to the locked version, then
 # torch (first, pinned: the CPU build lies on local disk; anything else pulls CUDA wheels),
@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# An appliance (or, with ROLE=hq, HQ) installed like one, as root: code and an edge-only venv
+# (no torch) under PREFIX (default /opt/linejudge), system users, config, systemd units.
+install-appliance:
+	sh systemd/install.sh
 
 # Regenerate the lock: a throwaway venv installed WITHOUT the lock (newest releases the
 # indexes offer, torch pinned), frozen with `pip freeze --all --exclude-editable`. Not run by CI.

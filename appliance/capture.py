@@ -242,6 +242,7 @@ class LatestFrameGrabber:
         self.paced = not getattr(source, "live", True)
         self.captured = self.dropped = 0
         self.error: BaseException | None = None
+        self.last_frame_at: float | None = None      # time.monotonic() of the newest frame read
         self._frame, self._frame_id, self._taken_id = None, 0, 0
         self._cond, self._stop = threading.Condition(), threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"grab {source.name}", daemon=True)
@@ -284,6 +285,7 @@ class LatestFrameGrabber:
                 self.dropped += 1
             self._frame, self._frame_id = frame, self._frame_id + 1
             self.captured += 1
+            self.last_frame_at = time.monotonic()
             self._cond.notify_all()
 
     def _wait_until_taken(self) -> None:

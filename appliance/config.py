@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from appliance.decide import OPTIONAL_THRESHOLDS, THRESHOLD_NAMES
+from appliance.review_budget import ReviewPolicy, policy_from_dict
 from models.common import is_number, is_whole, read_yaml
 from models.errors import ConfigError
 
@@ -15,6 +16,8 @@ DEFAULT_BUNDLE = ROOT / "models" / "bundles" / "el-solar-default"
 DEFAULT_KEYS = ROOT / "models" / "keys"
 PROBABILITY_THRESHOLDS = ("p_best", "p_defect", "p_best_free_text")
 ELPV_SPLITS = ("train", "val", "test")     # training/data/elpv_split.json
+# About one part a minute for the operator, each at most two minutes old; camera parts only.
+DEFAULT_REVIEW = ReviewPolicy(cap_per_hour=60, max_age_s=120)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class ApplianceConfig:
     commit_after_inspections: int = 20      # a hot-swapped model is kept after this many healthy inspections
     commit_timeout_s: float = 60.0          # ... within this time, else the old model is swapped back
     operator_pins: dict = field(default_factory=dict)  # name -> PIN, hashed into the store on start
+    review: ReviewPolicy = DEFAULT_REVIEW               # the review budget (appliance/review_budget.py)
+    operator_idle_logout_s: float = 600.0               # an operator is logged out after this long without a tap
 
     def __post_init__(self):
         if not is_number(self.max_fps) or self.max_fps <= 0:
@@ -104,6 +109,9 @@ class ApplianceConfig:
         if not is_number(self.sync_interval_s) or self.sync_interval_s < 0:
             raise ConfigError(f"sync_interval_s must be 0 (no in-process sync) or a number of seconds, "
                               f"not {self.sync_interval_s!r}; e.g. sync_interval_s: 300")
+        if not is_number(self.operator_idle_logout_s) or self.operator_idle_logout_s <= 0:
+            raise ConfigError(f"operator_idle_logout_s must be a positive number of seconds, not "
+                              f"{self.operator_idle_logout_s!r}; e.g. operator_idle_logout_s: 600")
         if not is_whole(self.commit_after_inspections) or self.commit_after_inspections < 1:
             raise ConfigError(f"commit_after_inspections must be a whole number of at least 1, not "
                               f"{self.commit_after_inspections!r}; e.g. commit_after_inspections: 20")
@@ -151,6 +159,8 @@ def config_from_dict(data: dict, where: str = "config") -> ApplianceConfig:
             value = tuple(Path(v) for v in value)
         elif key == "providers":
             value = tuple(value)
+        elif key == "review":
+            value = policy_from_dict(value, where, DEFAULT_REVIEW)
         values[key] = value
     try:
         return ApplianceConfig(**values)

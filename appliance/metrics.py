@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from models.bundle import expired as bundle_expired
 from models.platform import platform_record
 
 REGISTRY = CollectorRegistry()
@@ -20,6 +21,8 @@ GOLDEN_FALLBACK = Gauge("linejudge_golden_fp32_fallback", "1 when the INT8 graph
                         "check and the fp32 graphs judge instead", registry=REGISTRY)
 PLATFORM = Info("linejudge_platform", "Where the appliance runs: CPU, ISA flags, onnxruntime, provider, "
                 "precision", registry=REGISTRY)
+BUNDLE_EXPIRED = Gauge("linejudge_bundle_expired", "1 while the running bundle is past its expiry date (it "
+                       "keeps inspecting until HQ sends a newer one)", registry=REGISTRY)
 ERRORS = Counter("linejudge_inspection_errors_total", "Frames that failed to be judged", registry=REGISTRY)
 
 
@@ -29,6 +32,8 @@ def model_loaded(runtime) -> None:
     golden = runtime.golden
     GOLDEN_DELTA.set(golden.worst_delta if golden else float("nan"))
     GOLDEN_FALLBACK.set(1 if golden and golden.fallback else 0)
+    manifest = runtime.manifest
+    BUNDLE_EXPIRED.set_function(lambda: float(bundle_expired(manifest)))
     record = platform_record(runtime.provider)
     PLATFORM.info({**{k: str(v) for k, v in record.items() if k != "isa"}, "isa": " ".join(record["isa"]),
                    "precision": runtime.precision})

@@ -25,10 +25,11 @@ def trusted_keys(key_files: list[Path]) -> dict:
 
 
 def verify(bundle_dir: Path, key_files: list[Path], line: str | None = None,
-           installed_version: int | None = None) -> dict:
+           installed_version: int | None = None, allow_expired: bool = False) -> dict:
+    """allow_expired: for the bundle this appliance already runs (at start), never for one it installs."""
     try:
         return lib.verify_bundle(bundle_dir, trusted_keys(key_files), line=line,
-                                 installed_version=installed_version)
+                                 installed_version=installed_version, allow_expired=allow_expired)
     except lib.BundleError as exc:
         raise ModelError(f"bundle {bundle_dir} rejected: {exc}") from None
 

@@ -55,7 +55,9 @@ class OperatorPins:
             return False
         op = rows[0]
         if op["locked_until"] > now:
-            raise StoreError(f"operator {name} is locked for {math.ceil(op['locked_until'] - now)} more seconds")
+            minutes = math.ceil((op["locked_until"] - now) / 60)
+            raise StoreError(f"{name} is locked for {minutes} more minute{'s' if minutes > 1 else ''} after "
+                             f"{MAX_PIN_FAILURES} wrong PINs; another operator can log in meanwhile")
         ok = hmac.compare_digest(_hash_pin(pin, bytes.fromhex(op["salt"])), op["pin_hash"])
         if ok:
             self._execute(("UPDATE operators SET failed_attempts = 0 WHERE name = ?", [name]))

@@ -70,6 +70,10 @@ class ModelRuntime:
         self._blank_rewards: dict[tuple[str, ...], np.ndarray] = {}
         self.golden: GoldenReport | None = None       # set by open_checked_runtime
 
+    def is_defective(self, verdict: str) -> bool | None:
+        """Whether a catalog explanation names a defect; None for free text or no such fact."""
+        return self._defective.get(verdict)
+
     @property
     def provider(self) -> str:
         return self.backend.provider

@@ -17,7 +17,7 @@ log = logging.getLogger("linejudge.appliance")
 
 def build_app(appliance: Appliance):
     app = create_api(appliance)
-    return gr.mount_gradio_app(app, create_ui(appliance), path="/", css=CSS)
+    return gr.mount_gradio_app(app, create_ui(appliance), path="/", css=CSS, footer_links=[])
 
 
 def serve(cfg: ApplianceConfig) -> int:

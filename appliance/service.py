@@ -28,10 +28,12 @@ from appliance import metrics, models_install
 from appliance.capture import LatestFrameGrabber, open_source
 from appliance.config import ApplianceConfig
 from models.errors import BadExplanation, BadFrame, CaptureError
+from appliance.alarms import current_alarms
 from appliance.hot_swap import HotSwap, Stopping, SwapTrial
 from appliance.runtime import Judgement, ModelRuntime, open_checked_runtime
 from appliance.store import PRUNE_BATCH, Store
 from appliance.sync import sync_once
+from models import bundle as lib
 from models.platform import platform_record
 
 log = logging.getLogger("linejudge.appliance")
@@ -82,7 +84,8 @@ class Appliance:
         self.cfg = cfg
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
         self.store = Store(cfg.db_path, cfg.frames_dir if cfg.save_frames else None,
-                           frame_budget_mb=cfg.frame_budget_mb, retention_days=cfg.retention_days)
+                           frame_budget_mb=cfg.frame_budget_mb, retention_days=cfg.retention_days,
+                           review_policy=cfg.review)
         for name, pin in cfg.operator_pins.items():
             self.store.set_operator_pin(name, pin)
         self.store.keep_only_operators(cfg.operator_pins)
@@ -101,12 +104,19 @@ class Appliance:
             captured=self._captured, stopping=self._stop, lock=self._lock,
             needed=cfg.commit_after_inspections, timeout_s=cfg.commit_timeout_s)
         self.last_sync: dict | None = None           # the last in-process sync pass's result
+        self.last_sync_ok_at: float | None = None    # time.monotonic() of the last pass without errors
+        self.started_at = time.monotonic()
         self.extra_candidates: list[str] | None = None   # e.g. an upstream generator's best-of-N
 
     # ---------------------------------------------------------------- model
     def _load_model(self) -> ModelRuntime:
         bundle = models_install.active_bundle(self.cfg.bundles_dir, self.cfg.bundle)
-        manifest = models_install.verify(bundle, self.cfg.key_files(), line=self.cfg.line)
+        # The installed bundle keeps inspecting past its expiry (alarm and metric) until HQ sends
+        # a newer one: an appliance cut off from HQ must not stop the line on that day.
+        manifest = models_install.verify(bundle, self.cfg.key_files(), line=self.cfg.line, allow_expired=True)
+        if lib.expired(manifest):
+            log.warning("model bundle v%s expired at %s; inspecting on until HQ sends a newer one",
+                        manifest["version"], manifest["expires"])
         runtime = self._open_runtime(bundle, manifest)
         note = f"started from {bundle}" + (" on its fp32 graphs (INT8 failed the golden check)"
                                            if runtime.golden.fallback else "")
@@ -165,7 +175,7 @@ class Appliance:
         inspection_id = self.store.log_inspection(
             line=self.cfg.line, station=f"{self.cfg.station}:{source}", model_version=judgement.model_version,
             verdict=d.verdict, best_score=d.best_score, p_best=d.p_best, flagged=d.flagged,
-            reasons=d.reasons, ranking=d.ranking, latency_ms=judgement.latency_ms, frame_png=png)
+            reasons=d.reasons, ranking=d.ranking, latency_ms=judgement.latency_ms, frame_png=png, source=source)
         metrics.observe(judgement)
         if trial is not None:
             trial.record(runtime)
@@ -219,11 +229,12 @@ class Appliance:
         sd_notify("WATCHDOG=1")
 
     def start(self) -> None:
+        self.started_at = time.monotonic()
         source = replay_source(self.cfg.source) or open_source(self.cfg.source)
         self._grabber = LatestFrameGrabber(source, max_fps=self.cfg.max_fps)
         self._thread = threading.Thread(target=self._loop, name="inspection-loop", daemon=True)
         self._thread.start()
-        if self.cfg.save_frames:
+        if self.cfg.save_frames or self.cfg.review.send_unreviewed_to_hq:
             self._prune_thread = threading.Thread(target=self._prune_loop, name="frame-pruner", daemon=True)
             self._prune_thread.start()
         if self.cfg.hq_url and self.cfg.sync_interval_s > 0:
@@ -245,10 +256,12 @@ class Appliance:
 
     def _prune_loop(self) -> None:
         """Keep saved frames within frame_budget_mb and retention_days: at start, then every
-        PRUNE_INTERVAL_S. Frames still to be sent to HQ are never removed (Store.prune_frames)."""
+        PRUNE_INTERVAL_S. Frames still to be sent to HQ are never removed (Store.prune_frames).
+        Where the plant opts in, parts that left the review queue unreviewed go to the outbox."""
         while True:
             try:
-                while self.store.prune_frames() == PRUNE_BATCH and not self._stop.is_set():
+                self.store.send_unreviewed()
+                while self.cfg.save_frames and self.store.prune_frames() == PRUNE_BATCH and not self._stop.is_set():
                     pass      # a backlog goes in batches: inspections commit in between
             except Exception:  # a failed prune is retried; it never stops inspection
                 log.exception("pruning saved frames failed; retrying in %g s", PRUNE_INTERVAL_S)
@@ -264,6 +277,8 @@ class Appliance:
                 self.last_sync = sync_once(self.cfg, self.store, swap=self.hot_swap,
                                            sleep=self._sleep_unless_stopping, report=self.runtime_report)
                 _log_sync(self.last_sync)
+                if self.last_sync.get("ok"):
+                    self.last_sync_ok_at = time.monotonic()
             except Stopping as exc:
                 log.info("sync pass ended: %s; an offered bundle is tried again on the next start", exc)
                 return
@@ -292,7 +307,7 @@ class Appliance:
 
     def status(self) -> dict:
         stats = self.store.stats()
-        usage = _disk_usage(Path(self.cfg.state_dir))
+        usage = self.disk_free_mb()
         runtime = self.runtime
         return {"model_version": runtime.version, "provider": runtime.provider,
                 "quantized": getattr(runtime.backend, "quantized", None), **self.runtime_report(),
@@ -300,7 +315,11 @@ class Appliance:
                 "latency_ms": round(self.live.judgement.latency_ms, 1) if self.live.judgement else None,
                 "dropped_frames": self._grabber.dropped if self._grabber else 0,
                 "disk_free_mb": usage, "alarm": getattr(self.store, "alarm", None),
-                "thresholds": vars(self.runtime.thresholds), **stats}
+                "thresholds": vars(self.runtime.thresholds),
+                "alarms": [{"kind": a.kind, "text": a.text} for a in current_alarms(self)], **stats}
+
+    def disk_free_mb(self) -> float:
+        return _disk_usage(Path(self.cfg.state_dir))
 
 
 def _log_sync(result: dict) -> None:

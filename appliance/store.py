@@ -28,6 +28,7 @@ import sqlite_utils
 
 from appliance.frame_retention import PRUNE_BATCH, delete_frames, forget_victims, scan_frames
 from appliance.operators import OperatorPins
+from appliance.review_budget import ReviewBudget, ReviewPolicy, clock_now
 from models.errors import StoreError
 from models.common import to_iso, utc, write_file_atomic
 
@@ -64,8 +65,21 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite_utils.Database], None] | str]] = [
            CREATE INDEX inspections_flagged ON inspections(flagged, ts);
            CREATE INDEX inspections_frame ON inspections(frame_path);
            CREATE INDEX reviews_inspection ON reviews(inspection_id)"""),
+    # where an inspection came from (camera, api), and whether it was offered for review
+    # (appliance/review_budget.py); rows from before keep the old rule: every flagged one was
+    (3, """ALTER TABLE inspections ADD COLUMN source TEXT NOT NULL DEFAULT 'camera';
+           ALTER TABLE inspections ADD COLUMN queued INTEGER NOT NULL DEFAULT 0;
+           UPDATE inspections SET queued = flagged,
+                  source = CASE WHEN station LIKE '%:api' THEN 'api' ELSE 'camera' END;
+           CREATE INDEX inspections_queued ON inspections(queued, ts)"""),
 ]
 
+# An inspection waiting in the review queue (parameter: the ISO time before which it has left).
+WAITING = ("queued = 1 AND ts >= ? AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id)")
+UNREVIEWED_SQL = ("SELECT * FROM inspections i WHERE queued = 1 AND ts < ? AND source IN (SELECT value FROM "
+                  "json_each(?)) AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id) "
+                  "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.idempotency_key = 'unreviewed-' || i.id) "
+                  "LIMIT 500")
 INSERT_SCORE = "INSERT INTO scores (inspection_id, candidate, text, score, rank) VALUES (?, ?, ?, ?, ?)"
 
 
@@ -192,12 +206,16 @@ class SingleWriterDB:
                     db.execute(sql, params)
         self._write(run)
 
-    def _query(self, sql: str, params=()) -> list[dict]:
+    def _reader(self) -> sqlite_utils.Database:
+        """This thread's read connection."""
         if getattr(self._local, "db", None) is None:
             self._local.db = self._connect(reader=True)
             with self._lock:
                 self._readers.append(self._local.db)
-        return list(self._local.db.query(sql, params))
+        return self._local.db
+
+    def _query(self, sql: str, params=()) -> list[dict]:
+        return list(self._reader().query(sql, params))
 
     def close(self) -> None:
         with self._lock:
@@ -221,13 +239,14 @@ class Store(SingleWriterDB):
     saved frames the inspections name."""
 
     def __init__(self, path: Path, frames_dir: Path | None = None, frame_budget_mb: float = 500,
-                 retention_days: float = 30):
+                 retention_days: float = 30, review_policy: ReviewPolicy = ReviewPolicy()):
         super().__init__(path)
         self.frames_dir = Path(frames_dir) if frames_dir else self.path.parent / "frames"
         self.frame_budget_bytes = int(frame_budget_mb * 1024 * 1024)
         self.retention = timedelta(days=retention_days)
         self.alarm: str | None = None
-        self.clock = time.time                      # for PIN lockouts; tests replace it
+        self.clock = time.time                      # timestamps and PIN lockouts; tests replace it
+        self.budget = ReviewBudget(review_policy)
         self.operators = OperatorPins(self._query, self._execute)
 
     def _save_frame(self, sha: str, data: bytes) -> str | None:
@@ -247,10 +266,12 @@ class Store(SingleWriterDB):
 
     def log_inspection(self, *, line, station, model_version, verdict, best_score, p_best, flagged,
                        reasons: list[str], ranking: list[tuple[str, float]], latency_ms,
-                       frame_png: bytes | None = None) -> int:
-        """Save the frame, then commit the row and its scores; returns the committed id."""
+                       frame_png: bytes | None = None, source: str = "camera") -> int:
+        """Save the frame, then commit the row and its scores (and whether it is offered for
+        review: appliance/review_budget.py); returns the committed id."""
         sha = hashlib.sha256(frame_png).hexdigest() if frame_png is not None else None
-        row = {"ts": to_iso(), "line": line, "station": station,
+        now = clock_now(self.clock)
+        row = {"ts": to_iso(now), "line": line, "station": station, "source": source,
                "frame_path": self._save_frame(sha, frame_png) if sha else None, "frame_sha256": sha,
                "model_version": model_version, "verdict": verdict, "best_score": float(best_score),
                "p_best": float(p_best), "flagged": int(bool(flagged)), "flag_reasons": json.dumps(list(reasons)),
@@ -261,6 +282,7 @@ class Store(SingleWriterDB):
             if row["frame_path"] and not (self.frames_dir / row["frame_path"]).exists():
                 row["frame_path"] = self._save_frame(sha, frame_png)     # pruned meanwhile
             with _immediate(db):      # plain SQL on the hot path: half the CPU of Table.insert_all
+                row["queued"] = int(self.budget.offer(db, now, source, bool(flagged)))
                 iid = db.execute(f"INSERT INTO inspections ({', '.join(row)}) "
                                  f"VALUES ({', '.join('?' * len(row))})", list(row.values())).lastrowid
                 db.conn.executemany(INSERT_SCORE, [(iid, *score) for score in scores])
@@ -285,9 +307,10 @@ class Store(SingleWriterDB):
         return found
 
     def review_queue(self, limit: int = 50) -> list[dict]:
-        """Flagged inspections nobody has reviewed yet, oldest first."""
-        rows = self._query("SELECT * FROM inspections i WHERE flagged = 1 AND NOT EXISTS "
-                           "(SELECT 1 FROM reviews r WHERE r.inspection_id = i.id) ORDER BY ts, id LIMIT ?", [limit])
+        """Inspections offered for review, not reviewed yet and younger than the policy's
+        max_age_s: the most uncertain first (lowest p_best), then the newest."""
+        rows = self._query(f"SELECT * FROM inspections i WHERE {WAITING} ORDER BY p_best, ts DESC, id DESC LIMIT ?",
+                           [self.budget.fresh_since(clock_now(self.clock)), limit])
         return [self._inspection_dict(r) for r in rows]
 
     def history(self, verdict_contains: str | None = None, flagged: bool | None = None,
@@ -312,21 +335,46 @@ class Store(SingleWriterDB):
 
         def insert(db):
             with _immediate(db):
-                found = list(db.query("SELECT id, frame_sha256, model_version FROM inspections WHERE id = ?",
+                found = list(db.query("SELECT id, frame_sha256, model_version, source FROM inspections WHERE id = ?",
                                       [inspection_id]))
                 if not found:
                     raise StoreError(f"inspection {inspection_id} does not exist; pick one from the review queue")
                 _refuse_second_review(db, inspection_id)
                 texts = [r["text"] for r in db.query("SELECT text FROM scores WHERE inspection_id = ? "
                                                      "ORDER BY rank", [inspection_id])]
-                now = to_iso()
+                to_hq = found[0]["source"] in self.budget.policy.hq_sources
+                now = to_iso(clock_now(self.clock))
                 review_id = db["reviews"].insert({"inspection_id": inspection_id, "ts": now, "operator": operator,
                                                   "chosen_text": chosen_text, "note": note}).last_pk
-                for kind, key, payload in _review_outbox(found[0], review_id, operator, chosen_text, note, texts):
+                outbox = _review_outbox(found[0], review_id, operator, chosen_text, note, texts) if to_hq else ()
+                for kind, key, payload in outbox:
                     db["outbox"].insert({"kind": kind, "payload": json.dumps(payload), "idempotency_key": key,
                                          "inspection_id": inspection_id, "created": now, "attempts": 0})
             return review_id
         return self._write(insert)
+
+    def reviews_of(self, inspection_id: int) -> list[dict]:
+        return self._query("SELECT * FROM reviews WHERE inspection_id = ? ORDER BY id", [inspection_id])
+
+    def undo_review(self, review_id: int) -> int:
+        """Take back a review and its outbox rows (the screen's Undo, within seconds): the part is
+        waiting again. Refused once any of its records has gone to HQ. Returns the inspection id."""
+        def delete(db):
+            with _immediate(db):
+                found = list(db.query("SELECT inspection_id FROM reviews WHERE id = ?", [review_id]))
+                if not found:
+                    raise StoreError(f"review {review_id} does not exist (already undone?)")
+                iid = found[0]["inspection_id"]
+                keys = [f"review-{iid}-{review_id}", f"pref-{iid}-{review_id}-%"]
+                sent = db.execute("SELECT count(*) FROM outbox WHERE (idempotency_key = ? OR idempotency_key "
+                                  "LIKE ?) AND sent_at IS NOT NULL", keys).fetchone()[0]
+                if sent:
+                    raise StoreError(f"the review of part #{iid} has already gone to HQ and cannot be undone; "
+                                     "tell the engineer if it was wrong")
+                db.execute("DELETE FROM outbox WHERE idempotency_key = ? OR idempotency_key LIKE ?", keys)
+                db.execute("DELETE FROM reviews WHERE id = ?", [review_id])
+            return iid
+        return self._write(delete)
 
     def unsent_outbox(self, limit: int = 100) -> list[dict]:
         """Oldest first, with `payload` decoded."""
@@ -355,15 +403,38 @@ class Store(SingleWriterDB):
         return self._query("SELECT * FROM models ORDER BY installed_at DESC, rowid DESC")
 
     def stats(self) -> dict:
+        now = clock_now(self.clock)
         counts = self._query(
             "SELECT (SELECT count(*) FROM inspections) AS inspections, "
             "(SELECT count(*) FROM inspections WHERE flagged = 1) AS flagged, "
             "(SELECT count(DISTINCT inspection_id) FROM reviews) AS reviewed, "
-            "(SELECT count(*) FROM inspections i WHERE flagged = 1 AND NOT EXISTS "
-            "(SELECT 1 FROM reviews r WHERE r.inspection_id = i.id)) AS review_queue, "
-            "(SELECT count(*) FROM outbox WHERE sent_at IS NULL) AS outbox_unsent")[0]
+            f"(SELECT count(*) FROM inspections i WHERE {WAITING}) AS review_queue, "
+            "(SELECT count(*) FROM outbox WHERE sent_at IS NULL) AS outbox_unsent",
+            [self.budget.fresh_since(now)])[0]
         counts["flag_rate"] = counts["flagged"] / counts["inspections"] if counts["inspections"] else 0.0
+        counts["review_budget"] = self.budget.used(self._reader(), now)
         return counts
+
+    def send_unreviewed(self) -> int:
+        """Where the plant opts in (send_unreviewed_to_hq): an "unreviewed" outbox record for
+        each offered part that left the queue without a review (once each); returns how many."""
+        if not self.budget.policy.send_unreviewed_to_hq or self.budget.policy.max_age_s is None:
+            return 0
+        now = clock_now(self.clock)
+
+        def insert(db):
+            with _immediate(db):
+                rows = list(db.query(UNREVIEWED_SQL, [self.budget.fresh_since(now),
+                                                      json.dumps(list(self.budget.policy.hq_sources))]))
+                for r in rows:
+                    payload = {"inspection_id": r["id"], "frame_sha256": r["frame_sha256"],
+                               "model_version": r["model_version"], "verdict": r["verdict"], "p_best": r["p_best"],
+                               "flag_reasons": json.loads(r["flag_reasons"] or "[]")}
+                    db.execute("INSERT OR IGNORE INTO outbox (kind, payload, idempotency_key, inspection_id, "
+                               "created, attempts) VALUES ('unreviewed', ?, ?, ?, ?, 0)",
+                               [json.dumps(payload), f"unreviewed-{r['id']}", r["id"], to_iso(now)])
+            return len(rows)
+        return self._write(insert)
 
     def prune_frames(self, now: datetime | None = None, max_files: int = PRUNE_BATCH) -> int:
         """Delete frame files past retention or over the disk budget (oldest first), at most

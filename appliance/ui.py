@@ -1,29 +1,91 @@
 """The operator touchscreen (Gradio): Live, Review, History, Status.
 
-Large type and touch-sized controls for gloved hands; one tap on the right explanation
-files a review. Frames are shown as pixels, never as paths into the state directory.
-Reviews need an operator logged in with a PIN (hashed in the store, locked after
-repeated failures).
+Made for gloved hands on a 1280x800 or 1024x600 screen: every part's state is OK (green),
+NG (red) or REVIEW (amber), always in words as well as colour; the frame is large with a
+full-screen zoom, and in Review the choices sit beside it. One tap on the right explanation
+files a review for the part shown; a second tap within DEBOUNCE_S is ignored, so a double tap
+cannot label the next part, and the last review can be undone for UNDO_S. The choices keep the
+catalog's order for every part. Reviews need an operator logged in with a PIN; the review
+panel is hidden otherwise, and a session ends with Log out or after operator_idle_logout_s
+without a tap. Alarms (appliance/alarms.py) are a banner on Live and Status. Frames are shown
+as pixels, never as paths into the state directory; times are local.
 """
 from __future__ import annotations
 
+import base64
+import html
+import math
+import time
+from datetime import datetime
 from functools import partial
 
 import cv2
 import gradio as gr
 import numpy as np
 
+from appliance.alarms import current_alarms, verdict_age
 from models.errors import LinejudgeError
 from models.preprocess import check_explanation
 
+DEBOUNCE_S = 1.0        # a second tap this soon after a saved review is ignored
+UNDO_S = 20.0           # the last review can be undone for this long
+STATES = {"ok": ("OK", "no defect seen"), "ng": ("NG", "defective part"),
+          "review": ("REVIEW", "an operator must look")}
+
 CSS = """
 .gradio-container {font-size: 20px}
+footer {display: none !important}
 button, .gr-button {min-height: 64px !important; font-size: 22px !important}
 input[type=text], input[type=password], textarea {font-size: 22px !important; min-height: 56px}
-#verdict, #verdict p {font-size: 30px !important; font-weight: 700}
-#flag, #flag p {font-size: 22px !important; color: #b45309}
+#verdict, #verdict p {font-size: 28px !important; font-weight: 700}
+.state {font-size: 44px; font-weight: 800; padding: 12px 20px; border-radius: 12px; color: #fff}
+.state small {display: block; font-size: 22px; font-weight: 600}
+#details, #details p, #details li {font-size: 20px}
+.state-ok {background: #15803d} .state-ng {background: #b91c1c} .state-review {background: #b45309}
+.state-none {background: #6b7280}
+#alarms .alarm {font-size: 24px; font-weight: 700; background: #fee2e2; color: #7f1d1d;
+                border: 4px solid #b91c1c; border-radius: 10px; padding: 10px 16px; margin-bottom: 8px}
+#alarms .age {font-size: 20px; color: #374151}
+#review-msg, #review-msg p {font-size: 28px !important; font-weight: 700}
 .review-choices label {min-height: 64px; font-size: 22px !important; padding: 12px !important}
+.history td, .history th {font-size: 20px; padding: 6px 10px; text-align: left}
+.history img {width: 72px; height: 72px}
+.review-choices .wrap {display: grid !important; grid-template-columns: 1fr 1fr; gap: 8px}
+#review-frame img, #live-frame img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}
+#review-info, #review-info p {font-size: 18px !important; line-height: 1.3}
+@media (max-height: 700px) {
+  .gradio-container {font-size: 16px}
+  button, .gr-button {min-height: 52px !important; font-size: 18px !important}
+  .review-choices label {min-height: 52px; font-size: 16px !important; padding: 4px 8px !important;
+                         line-height: 1.2}
+  .review-choices .wrap {gap: 4px}
+  #review-msg, #review-msg p {font-size: 20px !important}
+  #review-info, #review-info p {font-size: 15px !important}
+  #verdict, #verdict p {font-size: 22px !important}
+  .state {font-size: 32px; padding: 6px 12px}
+}
 """
+
+PLAIN_REASONS = {
+    "low confidence": "the model is unsure between two explanations",
+    "unusual frame": "this picture looks unlike the parts the model has learned",
+    "image barely matters": "the answer hardly depends on the picture",
+    "possible defect": "the model says OK but sees a real chance of a defect",
+}
+
+
+def plain_reason(reason: str) -> str:
+    """A flag reason in words for the operator (the technical one stays in the log and API)."""
+    for start, words in PLAIN_REASONS.items():
+        if reason.startswith(start):
+            return words
+    return reason
+
+
+def local_time(ts: str) -> str:
+    """A stored UTC timestamp as local wall-clock time (with the date if not today)."""
+    moment = datetime.fromisoformat(ts).astimezone()
+    return moment.strftime("%H:%M:%S" if moment.date() == datetime.now().astimezone().date() else "%d %b %H:%M")
 
 
 def _rgb(frame: np.ndarray | None) -> np.ndarray | None:
@@ -41,25 +103,41 @@ def _stored_frame(appliance, row: dict) -> np.ndarray | None:
     return _rgb(frame)
 
 
-def model_banner(appliance) -> str:
-    """A warning line while the model runs in a degraded mode, else empty."""
-    golden = appliance.runtime.golden
-    if golden is None or not golden.fallback:
+def part_state(flagged: bool, defective: bool | None) -> str:
+    return "review" if flagged else "ng" if defective else "ok"
+
+
+def state_badge(state: str | None) -> str:
+    if state is None:
+        return '<div class="state state-none">WAITING <small>for the first part</small></div>'
+    word, meaning = STATES[state]
+    return f'<div class="state state-{state}" data-state="{state}">{word} <small>{meaning}</small></div>'
+
+
+def alarm_banner(appliance) -> str:
+    alarms = current_alarms(appliance)
+    if not alarms:
         return ""
-    return ("**Backup model in use**: slower, answers checked. Please tell the engineer "
-            "(details on the Status page).")
+    age = verdict_age(appliance)
+    lines = [f'<div class="alarm" data-kind="{a.kind}">{html.escape(a.text)}</div>' for a in alarms]
+    lines.append(f'<div class="age">The verdict on screen is {age} old.</div>' if age else
+                 '<div class="age">No part has been inspected yet.</div>')
+    return "".join(lines)
 
 
 def live_view(appliance):
-    live = appliance.live
-    banner = model_banner(appliance)
+    """Live tab: (frame, alarm banner, state badge, verdict, details)."""
+    live, banner = appliance.live, alarm_banner(appliance)
     if live.judgement is None:
-        return None, "Waiting for the first part ...", [], banner
+        return None, banner, state_badge(None), "", ""
     d = live.judgement.decision
-    verdict = f"#{live.inspection_id}  {d.verdict}  (confidence {d.p_best:.0%})"
-    flag = ("FLAGGED for review: " + "; ".join(d.reasons)) if d.flagged else "OK - no review needed"
-    ranking = [[text, round(score, 3)] for text, score in d.ranking]
-    return _rgb(live.frame), verdict, ranking, "\n\n".join(filter(None, [banner, f"{flag}  |  {live.fps:.1f} frames/s"]))
+    state = part_state(d.flagged, appliance.runtime.is_defective(d.verdict))
+    why = "; ".join(plain_reason(r) for r in d.reasons)
+    others = "".join(f"<li>{html.escape(t)}</li>" for t, _ in d.ranking[1:4])
+    details = (f"<p>Why it needs a look: {html.escape(why)}.</p>" if d.flagged else "") + \
+              (f"<p>Also possible:</p><ul>{others}</ul>" if others else "") + \
+              f"<p>{live.fps:.1f} parts a second</p>"
+    return _rgb(live.frame), banner, state_badge(state), f"Part #{live.inspection_id}: {d.verdict}", details
 
 
 def _golden_line(golden: dict | None) -> str:
@@ -75,114 +153,200 @@ def _golden_line(golden: dict | None) -> str:
             f"delta {golden['worst_reward_delta']:.4f}")
 
 
-def status_view(appliance) -> str:
+def _budget_line(budget: dict | None) -> str:
+    if not budget:
+        return ""
+    hour = f"{budget['offered_last_hour']}" + (f" of {budget['cap_per_hour']}" if budget["cap_per_hour"] else "")
+    shift = f"{budget['offered_this_shift']}" + (f" of {budget['cap_per_shift']}" if budget["cap_per_shift"] else "")
+    age = f"; a part waits at most {budget['max_age_s']:g} s" if budget["max_age_s"] else ""
+    return f"**Review budget** parts offered in the last hour {hour}, this shift {shift}{age}"
+
+
+def status_view(appliance) -> tuple[str, str, str]:
+    """Status tab: (alarm banner, the shift in plain words, details for the engineer)."""
     s = appliance.status()
     p = s["platform"]
-    lines = [model_banner(appliance),
-             f"**Model** v{s['model_version']} on {s['provider']}, {s['precision'].upper()}",
-             _golden_line(s["golden"]),
-             f"**Computer** {p['cpu']} ({p['machine']}; {' '.join(p['isa']) or 'no AVX2/AVX-512/NEON'}; "
-             f"INT8 path: {p['int8_kernel_path']}), onnxruntime {p['onnxruntime']}",
-             f"**Speed** {s['fps']} frames/s, last judgement {s['latency_ms']} ms",
-             f"**Inspections** {s.get('inspections', 0)}, flagged {s.get('flagged', 0)} "
-             f"({s.get('flag_rate', 0):.0%}), waiting for review {s.get('review_queue', 0)}",
-             f"**Sync** {s.get('outbox_unsent', 0)} records waiting to go to HQ",
-             f"**Disk** {s['disk_free_mb']} MB free, dropped frames {s['dropped_frames']}"]
-    if s.get("alarm"):
-        lines.append(f"**ALARM** {s['alarm']}")
-    return "\n\n".join(filter(None, lines))
+    shift = "\n\n".join(filter(None, [
+        f"**Parts inspected** {s.get('inspections', 0)}, of which {s.get('flagged', 0)} "
+        f"({s.get('flag_rate', 0):.0%}) needed a look; waiting for review now: {s.get('review_queue', 0)}",
+        _budget_line(s.get("review_budget")),
+        f"**Speed** {s['fps']} parts a second",
+        f"**To HQ** {s.get('outbox_unsent', 0)} records waiting to be sent"]))
+    engineer = "\n\n".join(filter(None, [
+        f"**Model** v{s['model_version']} on {s['provider']}, {s['precision'].upper()}",
+        _golden_line(s["golden"]),
+        f"**Computer** {p['cpu']} ({p['machine']}; {' '.join(p['isa']) or 'no AVX2/AVX-512/NEON'}; "
+        f"INT8 path: {p['int8_kernel_path']}), onnxruntime {p['onnxruntime']}",
+        f"**Latency** last judgement {s['latency_ms']} ms",
+        f"**Disk** {s['disk_free_mb']} MB free, dropped frames {s['dropped_frames']}",
+        f"**Store alarm** {s['alarm']}" if s.get("alarm") else ""]))
+    return alarm_banner(appliance), shift, engineer
+
+
+def history_html(appliance, limit: int = 50) -> str:
+    """The latest parts, newest first, with a thumbnail, state and review; read-only."""
+    rows = appliance.store.history(limit=limit)
+    body = []
+    for r in rows:
+        state = part_state(r["flagged"], appliance.runtime.is_defective(r["verdict"]))
+        reviewed = appliance.store.reviews_of(r["id"])
+        review = (f"reviewed by {html.escape(reviewed[0]['operator'])}: {html.escape(reviewed[0]['chosen_text'])}"
+                  if reviewed else ("waiting" if r["queued"] else ""))
+        body.append(f"<tr><td>{_thumbnail(appliance, r)}</td><td>#{r['id']}</td><td>{local_time(r['ts'])}</td>"
+                    f"<td>{STATES[state][0]}</td><td>{html.escape(r['verdict'])}</td><td>{review}</td></tr>")
+    head = "<tr><th></th><th>part</th><th>time</th><th>state</th><th>verdict</th><th>review</th></tr>"
+    return f'<table class="history">{head}{"".join(body)}</table>' if body else "<p>No parts yet.</p>"
+
+
+def _thumbnail(appliance, row: dict) -> str:
+    frame = _stored_frame(appliance, row)
+    if frame is None:
+        return ""
+    small = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), (72, 72), interpolation=cv2.INTER_AREA)
+    data = base64.b64encode(cv2.imencode(".png", small)[1].tobytes()).decode()
+    return f'<img alt="part #{row["id"]}" src="data:image/png;base64,{data}">'
+
+
+# ---------------------------------------------------------------- review
+
+
+def _choices_in_catalog_order(appliance, row: dict) -> list[str]:
+    """The same order for every part (the catalog's), free-text candidates after it."""
+    order = {t: i for i, t in enumerate(appliance.runtime.catalog.displays)}
+    return sorted((s["text"] for s in row["scores"]), key=lambda t: (order.get(t, len(order)), t))
 
 
 def next_review(appliance):
+    """(frame, info, choices update, inspection id) for the part at the head of the queue."""
     queue = appliance.store.review_queue(limit=1)
-    count = appliance.store.stats()["review_queue"]
     if not queue:
         return None, "Nothing to review.", gr.update(choices=[], value=None), None
+    count = appliance.store.stats()["review_queue"]
     row = appliance.store.inspection(queue[0]["id"])
-    texts = [s["text"] for s in sorted(row["scores"], key=lambda s: s["rank"])]
-    reasons = row.get("flag_reasons") or []
-    info = (f"**{count} waiting.** Part #{row['id']} at {row['ts'][:19]}: the model says "
-            f"*{row['verdict']}*. Why flagged: {'; '.join(reasons) if isinstance(reasons, list) else reasons}. "
-            f"Tap the right explanation:")
-    return _stored_frame(appliance, row), info, gr.update(choices=texts, value=None), row["id"]
+    reasons = "; ".join(plain_reason(r) for r in row.get("flag_reasons") or [])
+    info = (f"**{count} waiting.** Part #{row['id']} at {local_time(row['ts'])}: the model says "
+            f"*{row['verdict']}*. Why it needs a look: {reasons}. Tap the right explanation:")
+    return _stored_frame(appliance, row), info, gr.update(choices=_choices_in_catalog_order(appliance, row),
+                                                          value=None), row["id"]
+
+
+def _session_alive(appliance, session: dict | None) -> bool:
+    return bool(session) and time.monotonic() - session["seen"] < appliance.cfg.operator_idle_logout_s
 
 
 def log_in(appliance, who, code):
+    """-> session, login message, login row, panel, PIN box, frame, info, choices, current."""
+    who = (who or "").strip()
     try:
-        ok = appliance.store.check_operator_pin(who.strip(), code.strip())
+        ok = appliance.store.check_operator_pin(who, (code or "").strip())
     except LinejudgeError as exc:
-        return None, f"**{exc}**", *next_review(appliance)
+        return log_out(f"**{exc}**")
     if not ok:
-        return None, "**Wrong name or PIN.**", None, "", gr.update(choices=[]), None
-    return who.strip(), f"Logged in as **{who.strip()}**.", *next_review(appliance)
+        return log_out("**Wrong name or PIN.**")
+    return ({"name": who, "seen": time.monotonic()}, f"Logged in as **{who}**.", gr.update(visible=False),
+            gr.update(visible=True), "", *next_review(appliance))
 
 
-def file_review(appliance, who, inspection_id, text):
-    if not who:
-        return "**Log in first.**", gr.update(), gr.update(), gr.update(), inspection_id
+def log_out(message: str = "Logged out."):
+    """-> session, login message, login row, panel, PIN box, frame, info, choices, current."""
+    return (None, message, gr.update(visible=True), gr.update(visible=False), "", None, "",
+            gr.update(choices=[], value=None), None)
+
+
+def file_review(appliance, session, inspection_id, text, last):
+    """-> message, frame, info, choices, current, session, last review, typed text."""
+    unchanged = (gr.update(),) * 5
+    if not _session_alive(appliance, session):
+        return "**Log in first.**", *unchanged[:4], None, last, gr.update()
+    if last and time.monotonic() - last["at"] < DEBOUNCE_S:
+        return *unchanged, session, last, gr.update()          # the second tap of a double tap
     text = (text or "").strip()
     if inspection_id is None or not text:
-        return "", gr.update(), gr.update(), gr.update(), inspection_id
+        return "", *unchanged[:4], session, last, gr.update()
+    session = {**session, "seen": time.monotonic()}
     try:
         chosen = check_explanation(text)
-        appliance.store.add_review(inspection_id, who, chosen)
+        review_id = appliance.store.add_review(inspection_id, session["name"], chosen)
     except LinejudgeError as exc:
-        frame, info, update, next_id = next_review(appliance)   # e.g. reviewed elsewhere: move on
-        return f"**{exc}**", frame, info, update, next_id
-    frame, info, update, next_id = next_review(appliance)
-    return f"Saved: part #{inspection_id} is *{chosen}*.", frame, info, update, next_id
+        return f"**{exc}**", *next_review(appliance), session, last, gr.update()   # e.g. reviewed elsewhere
+    last = {"review_id": review_id, "inspection_id": inspection_id, "at": time.monotonic()}
+    return (f"Saved: part #{inspection_id} is *{chosen}*.", *next_review(appliance), session, last, "")
 
 
-def history_rows(appliance, text, which):
-    flagged = {"flagged": True, "not flagged": False}.get(which)
-    rows = appliance.store.history(verdict_contains=text.strip() or None, flagged=flagged, limit=200)
-    return [[r["id"], r["ts"][:19], r["verdict"], round(r["p_best"], 3), bool(r["flagged"]),
-             r["model_version"]] for r in rows]
+def undo_review(appliance, session, last):
+    """-> message, frame, info, choices, current, last review."""
+    if not _session_alive(appliance, session) or not last:
+        return "Nothing to undo.", *(gr.update(),) * 4, last
+    if time.monotonic() - last["at"] > UNDO_S:
+        return f"Too late to undo: a review can be undone for {UNDO_S:g} s.", *(gr.update(),) * 4, None
+    try:
+        appliance.store.undo_review(last["review_id"])
+    except LinejudgeError as exc:
+        return f"**{exc}**", *(gr.update(),) * 4, None
+    frame, info, choices, current = next_review(appliance)
+    return f"Undone: part #{last['inspection_id']} is waiting for a review again.", frame, info, choices, current, None
+
+
+def check_session(appliance, session):
+    """The timer: end a session idle for operator_idle_logout_s (log_out's outputs)."""
+    if session and not _session_alive(appliance, session):
+        minutes = math.ceil(appliance.cfg.operator_idle_logout_s / 60)
+        return log_out(f"Logged out after {minutes} min without a tap; log in again to review.")
+    return (session, *(gr.update(),) * 8)
 
 
 def create_ui(appliance) -> gr.Blocks:
     with gr.Blocks(title="linejudge") as ui:
-        operator = gr.State(None)
-        current = gr.State(None)
+        session, current, last = gr.State(None), gr.State(None), gr.State(None)
         with gr.Tab("Live"):
+            live_alarms = gr.HTML(elem_id="alarms")
             with gr.Row():
-                live_frame = gr.Image(label="Current part", interactive=False, height=380)
-                with gr.Column():
+                live_frame = gr.Image(label="Current part", interactive=False, height=460, scale=3,
+                                      buttons=["fullscreen"], elem_id="live-frame")
+                with gr.Column(scale=2):
+                    state = gr.HTML(elem_id="state")
                     verdict = gr.Markdown(elem_id="verdict")
-                    flag = gr.Markdown(elem_id="flag")
-                    ranking = gr.Dataframe(headers=["explanation", "score"], interactive=False)
+                    details = gr.HTML(elem_id="details")
         with gr.Tab("Review"):
-            with gr.Row():
+            login_msg = gr.Markdown("Log in to review parts.", elem_id="login-msg")
+            with gr.Row() as login_row:
                 name = gr.Textbox(label="Operator", scale=2)
                 pin = gr.Textbox(label="PIN", type="password", scale=1)
                 login = gr.Button("Log in", variant="primary", scale=1)
-            login_msg = gr.Markdown("Log in to review flagged parts.")
-            review_frame = gr.Image(label="Flagged part", interactive=False, height=380)
-            review_info = gr.Markdown()
-            choices = gr.Radio(label="Right explanation", choices=[], elem_classes="review-choices")
-            correction = gr.Textbox(label="Or type the right explanation")
-            save_text = gr.Button("Save typed explanation")
-            review_msg = gr.Markdown()
-        with gr.Tab("History"):
-            with gr.Row():
-                hist_verdict = gr.Textbox(label="Verdict contains")
-                hist_flag = gr.Dropdown(["all", "flagged", "not flagged"], value="all", label="Flag")
-                refresh = gr.Button("Show")
-            history = gr.Dataframe(headers=["id", "time", "verdict", "p_best", "flagged", "model"],
-                                   interactive=False)
+            with gr.Row(visible=False) as panel:
+                review_frame = gr.Image(label="Part to review", interactive=False, height=420, scale=2,
+                                        buttons=["fullscreen"], elem_id="review-frame")
+                with gr.Column(scale=3):
+                    review_msg = gr.Markdown(elem_id="review-msg")
+                    review_info = gr.Markdown(elem_id="review-info")
+                    choices = gr.Radio(label="Right explanation", choices=[], elem_classes="review-choices")
+                    with gr.Row():
+                        undo = gr.Button("Undo last review")
+                        logout = gr.Button("Log out")
+                    with gr.Row():
+                        correction = gr.Textbox(label="Or type the right explanation", scale=3)
+                        save_text = gr.Button("Save typed", scale=1)
+        with gr.Tab("History") as history_tab:
+            refresh = gr.Button("Show the latest parts")
+            history = gr.HTML()
         with gr.Tab("Status"):
-            status = gr.Markdown()
+            status_alarms = gr.HTML(elem_id="status-alarms")
+            shift = gr.Markdown()
+            with gr.Accordion("Details for the engineer", open=False):
+                engineer = gr.Markdown()
 
+        review_out = [review_frame, review_info, choices, current]
         timer = gr.Timer(1.0)
-        timer.tick(lambda: live_view(appliance), outputs=[live_frame, verdict, ranking, flag])
-        timer.tick(lambda: status_view(appliance), outputs=[status])
-
-        login.click(partial(log_in, appliance), [name, pin], [operator, login_msg, review_frame, review_info, choices, current])
-
-        choices.input(partial(file_review, appliance), [operator, current, choices],
-                      [review_msg, review_frame, review_info, choices, current])
-        save_text.click(partial(file_review, appliance), [operator, current, correction],
-                        [review_msg, review_frame, review_info, choices, current])
-
-        refresh.click(partial(history_rows, appliance), [hist_verdict, hist_flag], [history])
+        timer.tick(partial(live_view, appliance), outputs=[live_frame, live_alarms, state, verdict, details])
+        timer.tick(partial(status_view, appliance), outputs=[status_alarms, shift, engineer])
+        signed = [session, login_msg, login_row, panel, pin, *review_out]
+        gr.Timer(5.0).tick(partial(check_session, appliance), [session], signed)
+        login.click(partial(log_in, appliance), [name, pin], signed)
+        logout.click(log_out, None, signed)
+        filed = [review_msg, *review_out, session, last, correction]
+        choices.input(partial(file_review, appliance), [session, current, choices, last], filed)
+        save_text.click(partial(file_review, appliance), [session, current, correction, last], filed)
+        undo.click(partial(undo_review, appliance), [session, last], [review_msg, *review_out, last])
+        for event in (refresh.click, history_tab.select):
+            event(partial(history_html, appliance), None, [history])
     return ui

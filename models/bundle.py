@@ -229,16 +229,24 @@ def sign_bundle(bundle_dir, private_key_path, key_id: str | None = None) -> Path
 
 def verify_bundle(bundle_dir, trusted_keys: dict[str, Ed25519PublicKey], *,
                   installed_version: int | None = None, line: str | None = None,
-                  input_spec: dict | None = None, now: datetime | None = None) -> dict:
-    """Return the parsed manifest if the bundle passes every check, else raise a BundleError."""
+                  input_spec: dict | None = None, now: datetime | None = None,
+                  allow_expired: bool = False) -> dict:
+    """Return the parsed manifest if the bundle passes every check, else raise a BundleError.
+    allow_expired: the one bundle an appliance already runs keeps running past its expiry (with
+    an alarm, see expired()); a bundle about to be installed never may."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise MissingFile(f"bundle directory {bundle_dir} not found")
     raw = _verify_signature(bundle_dir, trusted_keys)
     manifest = parse_manifest(raw)
     check_files(bundle_dir, manifest["files"])
-    _check_policy(manifest, installed_version, line, input_spec, now)
+    _check_policy(manifest, installed_version, line, input_spec, None if allow_expired else utc(now))
     return manifest
+
+
+def expired(manifest: dict, now: datetime | None = None) -> bool:
+    """Whether a (verified) manifest's expiry time has passed."""
+    return manifest.get("expires") is not None and utc(now) >= parse_iso(manifest["expires"])
 
 
 def _verify_signature(bundle_dir: Path, trusted_keys: dict) -> bytes:
@@ -422,10 +430,10 @@ def _scan(bundle_dir: Path) -> list[str]:
     return sorted(found)
 
 
-def _check_policy(m: dict, installed_version, line, input_spec, now) -> None:
-    current = utc(now)
-    if m["expires"] is not None and current >= parse_iso(m["expires"]):
-        raise ExpiredManifest(f"{MANIFEST} expired at {m['expires']} (now {_iso(current)}); "
+def _check_policy(m: dict, installed_version, line, input_spec, now: datetime | None) -> None:
+    """now: the moment the expiry is checked against; None skips the expiry check."""
+    if now is not None and expired(m, now):
+        raise ExpiredManifest(f"{MANIFEST} expired at {m['expires']} (now {_iso(now)}); "
                               "ask HQ for a fresh bundle or check the appliance clock")
     if installed_version is not None and m["version"] <= installed_version:
         raise VersionNotNewer(f"bundle version {m['version']} is not newer than the installed "

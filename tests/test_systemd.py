@@ -42,6 +42,31 @@ def test_verify_would_catch_a_misspelled_directive(tmp_path):
     assert IGNORED_DIRECTIVE.search(result.stdout + result.stderr)
 
 
+MAX_EXPOSURE = 3.0
+EXPOSURE = re.compile(r"Overall exposure level for \S+: (\d+\.\d+)")
+
+
+def _exposure(unit: Path) -> float:
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    found = EXPOSURE.search(result.stdout + result.stderr)
+    assert found, result.stdout + result.stderr
+    return float(found.group(1))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("unit", [u for u in UNITS if u.suffix == ".service"], ids=lambda u: u.name)
+def test_every_service_is_rated_at_most_3_by_systemd_analyze_security(unit):
+    assert _exposure(unit) <= MAX_EXPOSURE
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_the_security_check_would_catch_an_unhardened_service(tmp_path):
+    plain = tmp_path / "plain.service"
+    plain.write_text("[Unit]\nDescription=x\n[Service]\nExecStart=/bin/true\nNoNewPrivileges=yes\n")
+    assert _exposure(plain) > MAX_EXPOSURE
+
+
 def _directives(path: Path) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for line in path.read_text().splitlines():

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
+from appliance.ui import DEBOUNCE_S
 from tests.helpers import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -49,7 +50,8 @@ def served(tiny_bundle, tmp_path_factory):
     port = _free_port()
     cfg = config_from_dict({"state_dir": str(tmp_path_factory.mktemp("state")), "bundle": str(bundle),
                             "trusted_keys": [str(public)], "source": str(frames), "max_fps": 2,
-                            "operator_pins": {"ana": "2468"}, "thresholds": {"p_best": 0.999},
+                            "operator_pins": {"ana": "2468", "bo": "1357"}, "thresholds": {"p_best": 0.999},
+                            "review": {"cap_per_hour": None},          # every flagged part may be reviewed
                             "port": port})
     appliance = Appliance(cfg)
     appliance.start()
@@ -70,17 +72,26 @@ def served(tiny_bundle, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def browser():
     from playwright.sync_api import expect, sync_playwright
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 800})
-        context.set_default_timeout(30_000)
+        launched = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
         expect.set_options(timeout=30_000)     # expect() keeps its own 5 s default otherwise
-        # The appliance works offline: anything not served by it (web fonts, CDNs) is refused at once.
-        context.route(re.compile(r"^(?!http://127\.0\.0\.1[:/]).*"), lambda route: route.abort())
-        yield context.new_page()
-        browser.close()
+        yield launched
+        launched.close()
+
+
+def new_page(browser, width: int, height: int):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    context.set_default_timeout(30_000)
+    # The appliance works offline: anything not served by it (web fonts, CDNs) is refused at once.
+    context.route(re.compile(r"^(?!http://127\.0\.0\.1[:/]).*"), lambda route: route.abort())
+    return context.new_page()
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    return new_page(browser, 1280, 800)
 
 
 def _verdict_id(page) -> int | None:
@@ -143,7 +154,118 @@ def test_touchscreen_live_login_and_one_tap_review(served, page):
     expect(part).to_be_visible()
     shown = int(re.search(r"Part #(\d+)", part.inner_text()).group(1))
     appliance.store.add_review(shown, "bob", "no defect seen by bob")
+    time.sleep(DEBOUNCE_S)            # ana's next tap comes later than a double tap's second one
     options.first.locator("xpath=ancestor::label[1]").click()
     expect(page.get_by_text(f"part #{shown} was already reviewed by bob")).to_be_visible()
     with sqlite3.connect(appliance.cfg.db_path) as db:
         assert db.execute("SELECT operator FROM reviews WHERE inspection_id = ?", [shown]).fetchall() == [("bob",)]
+
+
+def _log_in(page, who="ana", pin="2468"):
+    from playwright.sync_api import expect
+    page.get_by_role("tab", name="Review").click()
+    page.get_by_label("Operator").fill(who)
+    page.get_by_label("PIN").fill(pin)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_text("Logged in as")).to_be_visible()
+
+
+def _shown_part(page, other_than: int | None = None) -> int:
+    from playwright.sync_api import expect
+    pattern = rf"Part #(?!{other_than}\b)\d+ at" if other_than else r"Part #\d+ at"
+    part = page.get_by_text(re.compile(pattern))
+    expect(part).to_be_visible()
+    return int(re.search(r"Part #(\d+)", part.inner_text()).group(1))
+
+
+def _choice_labels(page):
+    choices = page.get_by_role("radiogroup", name="Right explanation")
+    if not choices.count():
+        choices = page.locator("fieldset", has_text="Right explanation")
+    return choices.get_by_role("radio").locator("xpath=ancestor::label[1]")
+
+
+def _on_screen(box, width, height) -> bool:
+    return box is not None and box["x"] >= 0 and box["y"] >= 0 and \
+        box["x"] + box["width"] <= width + 1 and box["y"] + box["height"] <= height + 1
+
+
+def _reviews(appliance, inspection_id) -> list[tuple]:
+    with sqlite3.connect(appliance.cfg.db_path) as db:
+        return db.execute("SELECT operator, chosen_text FROM reviews WHERE inspection_id = ?",
+                          [inspection_id]).fetchall()
+
+
+@pytest.mark.parametrize("width, height", [(1280, 800), (1024, 600)])
+def test_one_screen_double_tap_undo_and_logout(served, browser, width, height):
+    """Frame and every choice on one screen without scrolling; a double tap files exactly one
+    review, on the part shown; Undo takes it back; Log out hides the choices."""
+    from playwright.sync_api import expect
+    appliance, url = served
+    page = new_page(browser, width, height)
+    page.goto(url, wait_until="domcontentloaded")
+    _log_in(page)
+    shown = _shown_part(page)
+    labels = _choice_labels(page)
+    expect(labels.first).to_be_visible()
+    page.screenshot(path=f"/tmp/linejudge_review_{width}x{height}.png")
+    frame = page.locator("#review-frame").bounding_box()
+    assert _on_screen(frame, width, height), f"frame {frame} is not on a {width}x{height} screen"
+    for i in range(labels.count()):
+        box = labels.nth(i).bounding_box()
+        assert _on_screen(box, width, height), f"choice {i} {box} is not on a {width}x{height} screen"
+    order = [labels.nth(i).inner_text().strip() for i in range(labels.count())]
+
+    labels.first.dblclick()
+    expect(page.get_by_text(f"Saved: part #{shown} is")).to_be_visible()
+    following = _shown_part(page, other_than=shown)
+    time.sleep(1.5)                                      # any late second tap has landed by now
+    assert _reviews(appliance, shown) == [("ana", order[0])]
+    assert _reviews(appliance, following) == []          # the second tap did not label the next part
+    assert [labels.nth(i).inner_text().strip() for i in range(labels.count())] == order   # same order
+
+    page.get_by_role("button", name="Undo last review").click()
+    expect(page.get_by_text(f"Undone: part #{shown} is waiting for a review again")).to_be_visible()
+    assert _reviews(appliance, shown) == []
+    with sqlite3.connect(appliance.cfg.db_path) as db:
+        assert db.execute("SELECT count(*) FROM outbox WHERE inspection_id = ?", [shown]).fetchone() == (0,)
+
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_text("Logged out.")).to_be_visible()
+    expect(labels.first).to_be_hidden()
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    page.context.close()
+
+
+def test_ok_ng_and_review_look_different_in_words_and_colour(served, page):
+    from playwright.sync_api import expect
+    from appliance.ui import state_badge
+    _, url = served
+    page.goto(url, wait_until="domcontentloaded")
+    expect(page.locator("#state")).to_contain_text("REVIEW")      # every part is flagged in this fixture
+    looks = page.evaluate("""(badges) => badges.map((markup) => {
+        const holder = document.createElement('div'); holder.innerHTML = markup;
+        document.querySelector('#state').appendChild(holder);
+        const badge = holder.firstElementChild, style = getComputedStyle(badge);
+        return [badge.innerText.split(/\s+/)[0], style.backgroundColor, style.color]; })""",
+                          [state_badge(s) for s in ("ok", "ng", "review")])
+    assert [word for word, _, _ in looks] == ["OK", "NG", "REVIEW"]
+    assert len({background for _, background, _ in looks}) == 3, looks
+    assert all(colour == "rgb(255, 255, 255)" for _, _, colour in looks)
+
+
+def test_the_camera_lost_banner_appears_when_the_source_dies(served, page):
+    """Last in this module: it stops the shared appliance's camera."""
+    from playwright.sync_api import expect
+    from models.errors import CaptureError
+    appliance, url = served
+    page.goto(url, wait_until="domcontentloaded")
+    expect(page.locator("#state")).to_contain_text("REVIEW")
+    expect(page.locator("#alarms")).not_to_contain_text("Camera lost")
+
+    def dead():
+        raise CaptureError("the camera stopped answering")
+    appliance._grabber.source.read = dead
+    expect(page.locator("#alarms")).to_contain_text("Camera lost: no picture for", timeout=20_000)
+    expect(page.locator("#alarms")).to_contain_text("The verdict on screen is")
+    page.screenshot(path="/tmp/linejudge_camera_lost.png")

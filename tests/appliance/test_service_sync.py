@@ -353,7 +353,9 @@ def test_int8_golden_failure_starts_on_fp32_and_says_so_everywhere(make_applianc
     exposition = metrics.render().decode()
     assert "linejudge_golden_fp32_fallback 1.0" in exposition
     assert 'linejudge_platform_info{' in exposition and 'precision="fp32"' in exposition
-    assert "Backup model in use" in ui.live_view(app)[3] and "INT8 FAILED" in ui.status_view(app)
+    banner, _, engineer = ui.status_view(app)
+    assert "Backup model in use" in ui.live_view(app)[1] and "Backup model in use" in banner
+    assert "INT8 FAILED" in engineer and status["alarms"][0]["kind"] == "model"
     assert "fp32 graphs" in app.store.model_states()[0]["reason"]
     app.start()
     wait_for(lambda: app.last_sync and app.last_sync["status_reported"], what="a status report to HQ")
@@ -384,3 +386,26 @@ def test_on_golden_failure_accepts_only_its_two_policies():
     assert config_from_dict({}).on_golden_failure == "fp32"
     with pytest.raises(ConfigError, match="on_golden_failure must be fp32 or refuse"):
         config_from_dict({"on_golden_failure": "ignore"})
+
+
+def test_an_expired_installed_bundle_keeps_inspecting_with_an_alarm_and_a_metric(make_appliance, tiny_bundle,
+                                                                                    tmp_path):
+    """An appliance cut off from HQ must not stop the line on its bundle's expiry date: the
+    bundle it already runs goes on, with an alarm and a metric; an expired one is never installed."""
+    from appliance import metrics, models_install
+    from models.errors import ModelError
+    source, public, _ = tiny_bundle
+    expired = tmp_path / "expired"
+    shutil.copytree(source, expired)
+    manifest = json.loads((expired / lib.MANIFEST).read_text())
+    manifest.update(created="2025-01-01T00:00:00Z", expires="2025-02-01T00:00:00Z")
+    lib.write_manifest(expired, manifest)
+    lib.sign_bundle(expired, public.with_suffix(".key"))
+    with pytest.raises(ModelError, match="expired"):
+        models_install.stage(expired, tmp_path / "staging", [public], "el-solar", None)
+    app = make_appliance(bundle=str(expired), hq_url=None, sync_interval_s=0)
+    app.start()
+    wait_for(lambda: app.live.judgement is not None, what="an inspection with the expired bundle")
+    alarms = app.status()["alarms"]
+    assert [a["kind"] for a in alarms] == ["model"] and "passed its expiry date" in alarms[0]["text"], alarms
+    assert "linejudge_bundle_expired 1.0" in metrics.render().decode()

@@ -73,8 +73,10 @@ def test_log_and_read_back(store):
     assert [r["id"] for r in store.history(flagged=True)] == [iid]
     assert len(store.history(since=got["ts"])) == 2 and store.history(since="2999-01-01") == []
     assert store.inspection(12345) is None
-    assert store.stats() == {"inspections": 2, "flagged": 1, "reviewed": 0, "review_queue": 1,
-                             "outbox_unsent": 0, "flag_rate": 0.5}
+    stats = store.stats()
+    assert stats.pop("review_budget")["offered_last_hour"] == 1
+    assert stats == {"inspections": 2, "flagged": 1, "reviewed": 0, "review_queue": 1,
+                     "outbox_unsent": 0, "flag_rate": 0.5}
 
 
 def test_review_writes_review_and_preference_outbox(store):
@@ -117,13 +119,15 @@ def test_review_and_outbox_commit_together_or_not_at_all(store, monkeypatch):
     assert [r["id"] for r in store.review_queue()] == [iid]
 
 
-def test_review_queue_is_oldest_first_and_skips_reviewed(store):
+def test_review_queue_is_newest_first_among_equally_sure_parts_and_skips_reviewed(store):
+    """(appliance/review_budget.py: the most uncertain first, then the newest; the part still at
+    the station before one that has long left it.)"""
     ids = [log(store, n, flagged=True) for n in range(4)]
     log(store, 9, flagged=False)
-    assert [r["id"] for r in store.review_queue()] == ids
+    assert [r["id"] for r in store.review_queue()] == ids[::-1]
     store.add_review(ids[1], "ann", "no defect")
-    assert [r["id"] for r in store.review_queue()] == [ids[0], ids[2], ids[3]]
-    assert [r["id"] for r in store.review_queue(limit=1)] == [ids[0]]
+    assert [r["id"] for r in store.review_queue()] == [ids[3], ids[2], ids[0]]
+    assert [r["id"] for r in store.review_queue(limit=1)] == [ids[3]]
     assert store.stats()["review_queue"] == 3
 
 
@@ -210,9 +214,15 @@ def test_operator_pin_hashing_and_lockout(store):
     clock = [1000.0]
     store.clock = lambda: clock[0]
     assert [store.check_operator_pin("ann", "0000") for _ in range(5)] == [False] * 5
-    with pytest.raises(StoreError, match="operator ann is locked for 300 more seconds"):
+    store.set_operator_pin("cid", "1357")
+    with pytest.raises(StoreError) as locked:
         store.check_operator_pin("ann", "2468")
-    clock[0] += 301
+    assert str(locked.value) == "ann is locked for 5 more minutes after 5 wrong PINs; another operator can log in meanwhile"
+    assert store.check_operator_pin("cid", "1357") is True          # a second operator is not locked out
+    clock[0] += 250
+    with pytest.raises(StoreError, match="ann is locked for 1 more minute after"):
+        store.check_operator_pin("ann", "2468")
+    clock[0] += 51
     assert store.check_operator_pin("ann", "2468") is True
 
 
