@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from appliance.decide import OPTIONAL_THRESHOLDS, THRESHOLD_NAMES
+from appliance.reject_signal import RejectSignalConfig, reject_signal_from_dict
 from appliance.review_budget import ReviewPolicy, policy_from_dict
 from models.common import is_number, is_whole, read_yaml
 from models.errors import ConfigError
@@ -48,6 +49,7 @@ class ApplianceConfig:
     operator_pins: dict = field(default_factory=dict)  # name -> PIN, hashed into the store on start
     review: ReviewPolicy = DEFAULT_REVIEW               # the review budget (appliance/review_budget.py)
     operator_idle_logout_s: float = 600.0               # an operator is logged out after this long without a tap
+    reject_signal: RejectSignalConfig | None = None      # each outcome to the line's PLC (appliance/reject_signal.py)
 
     def __post_init__(self):
         if not is_number(self.max_fps) or self.max_fps <= 0:
@@ -161,6 +163,8 @@ def config_from_dict(data: dict, where: str = "config") -> ApplianceConfig:
             value = tuple(value)
         elif key == "review":
             value = policy_from_dict(value, where, DEFAULT_REVIEW)
+        elif key == "reject_signal":
+            value = reject_signal_from_dict(value, where)
         values[key] = value
     try:
         return ApplianceConfig(**values)

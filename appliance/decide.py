@@ -61,6 +61,11 @@ class Decision:
     image_reliance: float
 
 
+def outcome(flagged: bool, defective: bool | None) -> str:
+    """What the line does with the part: "review" (an operator must look), "ng" (reject) or "ok"."""
+    return "review" if flagged else "ng" if defective else "ok"
+
+
 def sigmoid(x: float) -> float:
     return float(1.0 / (1.0 + np.exp(-x)))
 

@@ -29,6 +29,8 @@ from appliance.capture import LatestFrameGrabber, open_source
 from appliance.config import ApplianceConfig
 from models.errors import BadExplanation, BadFrame, CaptureError
 from appliance.alarms import current_alarms
+from appliance.decide import outcome
+from appliance.reject_signal import ModbusRejectSignal
 from appliance.hot_swap import HotSwap, Stopping, SwapTrial
 from appliance.runtime import Judgement, ModelRuntime, open_checked_runtime
 from appliance.store import PRUNE_BATCH, Store
@@ -107,6 +109,7 @@ class Appliance:
         self.last_sync_ok_at: float | None = None    # time.monotonic() of the last pass without errors
         self.started_at = time.monotonic()
         self.extra_candidates: list[str] | None = None   # e.g. an upstream generator's best-of-N
+        self.reject_signal: ModbusRejectSignal | None = None   # started by start() when configured
 
     # ---------------------------------------------------------------- model
     def _load_model(self) -> ModelRuntime:
@@ -177,9 +180,17 @@ class Appliance:
             verdict=d.verdict, best_score=d.best_score, p_best=d.p_best, flagged=d.flagged,
             reasons=d.reasons, ranking=d.ranking, latency_ms=judgement.latency_ms, frame_png=png, source=source)
         metrics.observe(judgement)
+        if self.reject_signal is not None and source == "camera":
+            self._signal_outcome(inspection_id, judgement, runtime)
         if trial is not None:
             trial.record(runtime)
         return inspection_id
+
+    def _signal_outcome(self, inspection_id: int, judgement: Judgement, runtime: ModelRuntime) -> None:
+        d = judgement.decision
+        displays = runtime.catalog.displays
+        self.reject_signal.publish(outcome(d.flagged, runtime.is_defective(d.verdict)), inspection_id,
+                                   judgement.model_version, displays.index(d.verdict) if d.verdict in displays else None)
 
     def _loop(self) -> None:
         """Camera -> judge -> record, pipelined: frame k is saved and committed on the recorder
@@ -230,6 +241,8 @@ class Appliance:
 
     def start(self) -> None:
         self.started_at = time.monotonic()
+        if self.cfg.reject_signal is not None:
+            self.reject_signal = ModbusRejectSignal(self.cfg.reject_signal).start()
         source = replay_source(self.cfg.source) or open_source(self.cfg.source)
         self._grabber = LatestFrameGrabber(source, max_fps=self.cfg.max_fps)
         self._thread = threading.Thread(target=self._loop, name="inspection-loop", daemon=True)
@@ -252,6 +265,8 @@ class Appliance:
                         STOP_JOIN_S)
         if self._grabber:
             self._grabber.stop()
+        if self.reject_signal is not None:
+            self.reject_signal.stop()
         self.store.close()
 
     def _prune_loop(self) -> None:

@@ -24,6 +24,7 @@ import gradio as gr
 import numpy as np
 
 from appliance.alarms import current_alarms, verdict_age
+from appliance.decide import outcome as part_state
 from models.errors import LinejudgeError
 from models.preprocess import check_explanation
 
@@ -101,10 +102,6 @@ def _stored_frame(appliance, row: dict) -> np.ndarray | None:
         return None
     frame = cv2.imread(str(appliance.frame_file(path)), cv2.IMREAD_UNCHANGED)
     return _rgb(frame)
-
-
-def part_state(flagged: bool, defective: bool | None) -> str:
-    return "review" if flagged else "ng" if defective else "ok"
 
 
 def state_badge(state: str | None) -> str:
