@@ -107,19 +107,20 @@ class ApplianceConfig:
                 raise ConfigError(f"operator_pins: the PIN of {name} must be quoted, e.g. {name}: \"0427\" "
                                   "(unquoted, YAML drops leading zeros or reads them as octal)")
 
+    def _check_seconds(self, name: str, example: float) -> None:
+        value = getattr(self, name)
+        if not is_number(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}; e.g. {name}: {example:g}")
+
     def _check_sync(self) -> None:
         if not is_number(self.sync_interval_s) or self.sync_interval_s < 0:
             raise ConfigError(f"sync_interval_s must be 0 (no in-process sync) or a number of seconds, "
                               f"not {self.sync_interval_s!r}; e.g. sync_interval_s: 300")
-        if not is_number(self.operator_idle_logout_s) or self.operator_idle_logout_s <= 0:
-            raise ConfigError(f"operator_idle_logout_s must be a positive number of seconds, not "
-                              f"{self.operator_idle_logout_s!r}; e.g. operator_idle_logout_s: 600")
+        self._check_seconds("operator_idle_logout_s", 600)
         if not is_whole(self.commit_after_inspections) or self.commit_after_inspections < 1:
             raise ConfigError(f"commit_after_inspections must be a whole number of at least 1, not "
                               f"{self.commit_after_inspections!r}; e.g. commit_after_inspections: 20")
-        if not is_number(self.commit_timeout_s) or self.commit_timeout_s <= 0:
-            raise ConfigError(f"commit_timeout_s must be a positive number of seconds, not "
-                              f"{self.commit_timeout_s!r}; e.g. commit_timeout_s: 60")
+        self._check_seconds("commit_timeout_s", 60)
         needed_s = self.commit_after_inspections / self.max_fps
         if self.hq_url and self.sync_interval_s > 0 and needed_s >= self.commit_timeout_s:
             raise ConfigError(f"a new model needs commit_after_inspections={self.commit_after_inspections} "

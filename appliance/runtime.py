@@ -111,6 +111,42 @@ class ModelRuntime:
                           frame_problem(gray))
         return Judgement(decision, texts, rewards, (time.perf_counter() - started) * 1000, self.version)
 
+    def fact_support(self, ranking: list[tuple[str, float]]) -> list[tuple[str, object, float]]:
+        """For each fact the verdict's catalog entry states (defective, type, level), how much of
+        the probability over the catalog (softmax of the rewards) goes to entries stating the
+        same value: (fact, the verdict's value, probability). Empty for a free-text verdict."""
+        entries = {e.display: e for e in self.catalog.entries}
+        scored = [(entries[t], s) for t, s in ranking if t in entries]
+        if not scored or ranking[0][0] not in entries:
+            return []
+        rewards = np.array([s for _, s in scored])
+        probs = np.exp(rewards - rewards.max())
+        probs /= probs.sum()
+        verdict = entries[ranking[0][0]].facts
+        return [(fact, value, float(sum(p for (e, _), p in zip(scored, probs) if e.facts.get(fact) == value)))
+                for fact, value in verdict.items()]
+
+    def heat_map(self, frame: np.ndarray, ranking: list[tuple[str, float]]) -> np.ndarray | None:
+        """Where on the frame the verdict comes from: a (g, g) grid over the patch grid, each cell
+        how much the verdict's lead over the runner-up falls when that patch is replaced by a
+        blank frame's (positive: the patch supports the verdict). One image pass and one scorer
+        call of g*g + 1 rows; None where the patches are not a square grid or the backend refuses
+        the batch (a TensorRT profile sized for one frame)."""
+        texts = [t for t, _ in ranking[:2]]
+        patches = self.backend.image_features(frame_to_input(frame, self.spec))
+        cells = patches.shape[1]
+        grid = int(round(cells ** 0.5))
+        if grid * grid != cells:
+            return None
+        batch = np.repeat(patches, cells + 1, axis=0)
+        batch[np.arange(1, cells + 1), np.arange(cells)] = self.blank_patches[0]
+        try:
+            rewards = self.backend.rewards(batch, self.text_features(texts))
+        except Exception:                 # the screen goes on without a heat map
+            return None
+        lead = rewards[:, 0] - (rewards[:, 1] if rewards.shape[1] > 1 else 0.0)
+        return (lead[0] - lead[1:]).reshape(grid, grid)
+
     def _blank_rewards_for(self, texts: list[str], features: np.ndarray) -> np.ndarray:
         """The rewards of these candidates on a blank frame (the image-reliance check): the same
         for every frame with this candidate list, so scored once, not once per frame."""

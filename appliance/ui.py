@@ -104,6 +104,31 @@ def _stored_frame(appliance, row: dict) -> np.ndarray | None:
     return _rgb(frame)
 
 
+_HEAT_CACHE: dict[tuple[int, int], np.ndarray] = {}     # (appliance, inspection id) -> overlaid frame
+
+
+def with_heat_map(appliance, frame: np.ndarray, ranking: list[tuple[str, float]], key: int | None = None):
+    """The frame (RGB) with where the verdict comes from laid over it: red where the patches
+    support it most (appliance.runtime.heat_map); the plain frame where there is nothing to show."""
+    cached = _HEAT_CACHE.get((id(appliance), key)) if key is not None else None
+    if cached is not None:
+        return cached
+    rgb = _rgb(frame)
+    heat = appliance.runtime.heat_map(frame, ranking)
+    if heat is None or heat.max() <= 0:
+        return rgb
+    h, w = rgb.shape[:2]
+    support = cv2.resize((heat.clip(0, None) / heat.max()).astype(np.float32), (w, h),
+                         interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    colour = cv2.applyColorMap((support * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+    alpha = (0.45 * support)[..., None]
+    shown = (rgb * (1 - alpha) + colour * alpha).astype(np.uint8)
+    if key is not None:
+        _HEAT_CACHE.clear()
+        _HEAT_CACHE[(id(appliance), key)] = shown
+    return shown
+
+
 def state_badge(state: str | None) -> str:
     if state is None:
         return '<div class="state state-none">WAITING <small>for the first part</small></div>'
@@ -122,8 +147,28 @@ def alarm_banner(appliance) -> str:
     return "".join(lines)
 
 
-def live_view(appliance):
-    """Live tab: (frame, alarm banner, state badge, verdict, details)."""
+FACT_WORDS = {"defective": {True: "a defect", False: "no defect"},
+              "type": {"mono": "a monocrystalline cell", "poly": "a polycrystalline cell"}}
+
+
+def fact_phrases(appliance, ranking) -> list[str]:
+    """Which facts of the verdict the picture supports (50 % or more) and which it doubts."""
+    phrases = []
+    for fact, value, p in appliance.runtime.fact_support(ranking):
+        words = FACT_WORDS.get(fact, {}).get(value) or (f"defect level {round(value * 3)} of 3" if fact == "level"
+                                                        else f"{fact} {value}")
+        phrases.append(f"{'supports' if p >= 0.5 else 'doubts'} {words} ({p:.0%})")
+    return phrases
+
+
+def facts_html(appliance, ranking) -> str:
+    items = "".join(f"<li>{html.escape(p)}</li>" for p in fact_phrases(appliance, ranking))
+    return f"<p>The picture:</p><ul>{items}</ul>" if items else ""
+
+
+def live_view(appliance, show_heat: bool = True):
+    """Live tab: (frame, alarm banner, state badge, verdict, details); show_heat lays where the
+    verdict comes from over the frame."""
     live, banner = appliance.live, alarm_banner(appliance)
     if live.judgement is None:
         return None, banner, state_badge(None), "", ""
@@ -132,9 +177,11 @@ def live_view(appliance):
     why = "; ".join(plain_reason(r) for r in d.reasons)
     others = "".join(f"<li>{html.escape(t)}</li>" for t, _ in d.ranking[1:4])
     details = (f"<p>Why it needs a look: {html.escape(why)}.</p>" if d.flagged else "") + \
+              facts_html(appliance, d.ranking) + \
               (f"<p>Also possible:</p><ul>{others}</ul>" if others else "") + \
               f"<p>{live.fps:.1f} parts a second</p>"
-    return _rgb(live.frame), banner, state_badge(state), f"Part #{live.inspection_id}: {d.verdict}", details
+    frame = with_heat_map(appliance, live.frame, d.ranking, live.inspection_id) if show_heat else _rgb(live.frame)
+    return frame, banner, state_badge(state), f"Part #{live.inspection_id}: {d.verdict}", details
 
 
 def _golden_line(golden: dict | None) -> str:
@@ -221,10 +268,15 @@ def next_review(appliance):
     count = appliance.store.stats()["review_queue"]
     row = appliance.store.inspection(queue[0]["id"])
     reasons = "; ".join(plain_reason(r) for r in row.get("flag_reasons") or [])
+    ranking = [(s["text"], s["score"]) for s in row["scores"]]
+    facts = "; ".join(fact_phrases(appliance, ranking))
     info = (f"**{count} waiting.** Part #{row['id']} at {local_time(row['ts'])}: the model says "
-            f"*{row['verdict']}*. Why it needs a look: {reasons}. Tap the right explanation:")
-    return _stored_frame(appliance, row), info, gr.update(choices=_choices_in_catalog_order(appliance, row),
-                                                          value=None), row["id"]
+            f"*{row['verdict']}*" + (f" (the picture {facts})" if facts else "") +
+            f". Why it needs a look: {reasons}. Tap the right explanation:")
+    frame = _stored_frame(appliance, row)
+    if frame is not None:
+        frame = with_heat_map(appliance, frame[:, :, ::-1], ranking)
+    return frame, info, gr.update(choices=_choices_in_catalog_order(appliance, row), value=None), row["id"]
 
 
 def _session_alive(appliance, session: dict | None) -> bool:
@@ -301,6 +353,7 @@ def create_ui(appliance) -> gr.Blocks:
                 live_frame = gr.Image(label="Current part", interactive=False, height=460, scale=3,
                                       buttons=["fullscreen"], elem_id="live-frame")
                 with gr.Column(scale=2):
+                    show_heat = gr.Checkbox(value=True, label="Show where the model looks (red: what it sees)")
                     state = gr.HTML(elem_id="state")
                     verdict = gr.Markdown(elem_id="verdict")
                     details = gr.HTML(elem_id="details")
@@ -334,7 +387,7 @@ def create_ui(appliance) -> gr.Blocks:
 
         review_out = [review_frame, review_info, choices, current]
         timer = gr.Timer(1.0)
-        timer.tick(partial(live_view, appliance), outputs=[live_frame, live_alarms, state, verdict, details])
+        timer.tick(partial(live_view, appliance), [show_heat], [live_frame, live_alarms, state, verdict, details])
         timer.tick(partial(status_view, appliance), outputs=[status_alarms, shift, engineer])
         signed = [session, login_msg, login_row, panel, pin, *review_out]
         gr.Timer(5.0).tick(partial(check_session, appliance), [session], signed)

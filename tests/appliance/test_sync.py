@@ -155,17 +155,24 @@ def test_every_outbox_row_reaches_hq_exactly_once_through_a_faulty_network(world
     store.close()
 
 
-def test_rows_are_marked_sent_only_on_2xx_and_retry_after_is_honoured(world):
-    proxy = FaultProxy(world["srv"].port, busy=1.0)
+def sync_through_proxy(world, reviews: int, frames: bool = True, faults: dict | None = None, **sync_kw):
+    """One sync pass on fake time through a FaultProxy with `faults`, after `reviews` reviews;
+    returns (result, the fake clock, the store)."""
+    proxy = FaultProxy(world["srv"].port, **(faults or {}))
     cfg, store = appliance(world, proxy.url)
-    review_some(store, 2, frames=False)
+    review_some(store, reviews, frames=frames)
     fake = FakeTime()
     try:
         with client() as c:
-            result = sync_once(cfg, store, client=c, swap=Swap(), sleep=fake.sleep, clock=fake.clock,
-                               policy=RetryPolicy(max_attempts=4, budget_s=1000))
+            result = sync_once(cfg, store, client=c, swap=Swap(), sleep=fake.sleep, clock=fake.clock, **sync_kw)
     finally:
         proxy.close()
+    return result, fake, store
+
+
+def test_rows_are_marked_sent_only_on_2xx_and_retry_after_is_honoured(world):
+    result, fake, store = sync_through_proxy(world, 2, frames=False, faults=dict(busy=1.0),
+                                             policy=RetryPolicy(max_attempts=4, budget_s=1000))
     assert not result["ok"] and result["sent"] == 0 and result["pending"] == 8
     assert "503" in " ".join(result["errors"])
     assert fake.sleeps and set(fake.sleeps) == {3.0}
@@ -176,17 +183,9 @@ def test_rows_are_marked_sent_only_on_2xx_and_retry_after_is_honoured(world):
 
 
 def test_backoff_is_exponential_with_full_jitter_within_the_budget(world):
-    proxy = FaultProxy(world["srv"].port, reset=1.0)
-    cfg, store = appliance(world, proxy.url)
-    review_some(store, 1)
-    fake = FakeTime()
     policy = RetryPolicy(base_s=1.0, cap_s=4.0, max_attempts=5, budget_s=30)
-    try:
-        with client() as c:
-            result = sync_once(cfg, store, client=c, swap=Swap(), sleep=fake.sleep, clock=fake.clock,
-                               rng=random.Random(3), policy=policy)
-    finally:
-        proxy.close()
+    result, fake, store = sync_through_proxy(world, 1, faults=dict(reset=1.0),
+                                             rng=random.Random(3), policy=policy)
     assert not result["ok"] and result["pending"] == 4 and result["model"]["action"] == "error"
     bounds = [1.0, 2.0, 4.0, 4.0]                       # min(cap, base * 2**attempt)
     for i, delay in enumerate(fake.sleeps):
@@ -197,32 +196,16 @@ def test_backoff_is_exponential_with_full_jitter_within_the_budget(world):
 
 
 def test_read_timeout_is_retried_and_ends_the_pass(world):
-    proxy = FaultProxy(world["srv"].port, hang=1.0)
-    cfg, store = appliance(world, proxy.url)
-    review_some(store, 1, frames=False)
-    fake = FakeTime()
-    try:
-        with client() as c:
-            result = sync_once(cfg, store, client=c, swap=Swap(), sleep=fake.sleep, clock=fake.clock,
-                               policy=RetryPolicy(max_attempts=2), timeout=httpx.Timeout(0.15))
-    finally:
-        proxy.close()
+    result, fake, store = sync_through_proxy(world, 1, frames=False, faults=dict(hang=1.0),
+                                             policy=RetryPolicy(max_attempts=2), timeout=httpx.Timeout(0.15))
     assert not result["ok"] and "ReadTimeout" in result["errors"][0] and result["pending"] == 4
     assert len(fake.sleeps) == 3                      # one retry each: outbox, manifest, status
     store.close()
 
 
 def test_budget_ends_the_pass(world):
-    proxy = FaultProxy(world["srv"].port, busy=1.0)
-    cfg, store = appliance(world, proxy.url)
-    review_some(store, 1)
-    fake = FakeTime()
-    try:
-        with client() as c:
-            result = sync_once(cfg, store, client=c, swap=Swap(), sleep=fake.sleep, clock=fake.clock,
-                               policy=RetryPolicy(max_attempts=50, budget_s=7))
-    finally:
-        proxy.close()
+    result, fake, store = sync_through_proxy(world, 1, faults=dict(busy=1.0),
+                                             policy=RetryPolicy(max_attempts=50, budget_s=7))
     assert not result["ok"] and "budget" in " ".join(result["errors"])
     assert fake.now <= 7
     store.close()
