@@ -75,4 +75,8 @@ if [ "$ENABLE" = yes ] && [ -d /run/systemd/system ]; then
 else
   say "systemd is not running here (or ENABLE=no): start it later with 'systemctl enable --now ${ROLE}.service'"
 fi
-say "done. The demo without a camera: $PREFIX/.venv/bin/linejudge demo --state-dir $STATE/demo"
+if [ "$ROLE" = appliance ]; then
+  say "done. The demo without a camera: $PREFIX/.venv/bin/linejudge demo --state-dir $STATE/demo"
+else
+  say "done. Register an appliance: $PREFIX/.venv/bin/linejudge hq add-appliance --state-dir $STATE --appliance <name>"
+fi
