@@ -9,6 +9,7 @@ from appliance.reject_signal import RejectSignalConfig, reject_signal_from_dict
 from appliance.review_budget import ReviewPolicy, policy_from_dict
 from models.common import is_number, is_whole, read_yaml
 from models.errors import ConfigError
+from models.preprocess import VIEWS
 
 GOLDEN_POLICIES = ("fp32", "refuse")     # on_golden_failure (appliance/runtime.open_checked_runtime)
 
@@ -35,6 +36,7 @@ class ApplianceConfig:
     allow_provider_fallback: bool = False
     on_golden_failure: str = "fp32"         # INT8 graphs fail the golden check: "fp32" graphs (if they pass) or "refuse"
     threads: int | None = None              # encoder threads; None = all cores but one (see scoring_threads)
+    views: str = "one"                      # "rot4": rewards averaged over the frame's four quarter turns
     thresholds: dict = field(default_factory=dict)   # overrides of the manifest's defaults
     host: str = "127.0.0.1"
     port: int = 7860
@@ -58,6 +60,10 @@ class ApplianceConfig:
             raise ConfigError(f"port {self.port} is not a TCP port")
         if self.backend not in ("onnxruntime", "tensorrt"):
             raise ConfigError(f"backend must be onnxruntime or tensorrt, not {self.backend!r}")
+        if self.views not in VIEWS:
+            raise ConfigError(f"views must be {' or '.join(VIEWS)}, not {self.views!r}: rot4 judges each frame "
+                              "as the mean of its four quarter turns (the same verdict however the camera is "
+                              "turned, about 4x the image cost)")
         if self.on_golden_failure not in GOLDEN_POLICIES:
             raise ConfigError(f"on_golden_failure must be {' or '.join(GOLDEN_POLICIES)}, not "
                               f"{self.on_golden_failure!r}: fp32 inspects with the bundle's fp32 graphs when "

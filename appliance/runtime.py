@@ -14,7 +14,7 @@ import numpy as np
 from models.catalog import load_catalog, merge_candidates
 from appliance.decide import Decision, Thresholds, decide
 from models.errors import ModelError
-from models.preprocess import (PreprocessSpec, TextTokenizer, blank_input, frame_problem, frame_to_input,
+from models.preprocess import (VIEWS, PreprocessSpec, TextTokenizer, blank_input, frame_problem, frame_to_input,
                                  normalize, resize_gray)
 from appliance.scoring import open_backend
 from models.platform import cpu_flags, int8_kernel_path
@@ -51,7 +51,8 @@ class Judgement:
 class ModelRuntime:
     def __init__(self, bundle_dir: Path, manifest: dict, backend: str = "onnxruntime",
                  providers: tuple[str, ...] = ("cpu",), allow_fallback: bool = False,
-                 thresholds: dict | None = None, threads: int | None = None, int8: bool = True):
+                 thresholds: dict | None = None, threads: int | None = None, int8: bool = True,
+                 views: str = "one"):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.version = int(manifest["version"])
@@ -69,6 +70,7 @@ class ModelRuntime:
         self._free_text: dict[str, np.ndarray] = {}   # free-text features, bounded cache
         self._blank_rewards: dict[tuple[str, ...], np.ndarray] = {}
         self.golden: GoldenReport | None = None       # set by open_checked_runtime
+        self.views = VIEWS[views]                     # the frame's views whose rewards are averaged
 
     def is_defective(self, verdict: str) -> bool | None:
         """Whether a catalog explanation names a defect; None for free text or no such fact."""
@@ -103,8 +105,7 @@ class ModelRuntime:
             raise ModelError("no candidate explanations to score")
         features = self.text_features(texts)
         gray = resize_gray(frame, self.spec.image_size)
-        patches = self.backend.image_features(normalize(gray, self.spec))
-        rewards = self.backend.rewards(patches, features)[0]
+        patches, rewards = self._view_averaged(gray, features)
         blank = self._blank_rewards_for(texts, features)
         defective = [self._defective.get(t) for t in texts]
         decision = decide(texts, rewards, blank, patches[0], self.thresholds, self.ood, defective,
@@ -125,6 +126,13 @@ class ModelRuntime:
         verdict = entries[ranking[0][0]].facts
         return [(fact, value, float(sum(p for (e, _), p in zip(scored, probs) if e.facts.get(fact) == value)))
                 for fact, value in verdict.items()]
+
+    def _view_averaged(self, gray: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The frame's patches (first view: the frame as it is) and its rewards averaged over
+        self.views, all views in one image-encoder batch."""
+        batch = np.concatenate([normalize(np.ascontiguousarray(view(gray)), self.spec) for view in self.views])
+        patches = self.backend.image_features(batch)
+        return patches[:1], self.backend.rewards(patches, features).mean(axis=0)
 
     def heat_map(self, frame: np.ndarray, ranking: list[tuple[str, float]]) -> np.ndarray | None:
         """Where on the frame the verdict comes from: a (g, g) grid over the patch grid, each cell
@@ -162,7 +170,7 @@ class ModelRuntime:
     def for_config(cls, bundle_dir: Path, manifest: dict, cfg, int8: bool = True) -> "ModelRuntime":
         """A runtime for a verified bundle with an ApplianceConfig's backend, providers and thresholds."""
         return cls(bundle_dir, manifest, cfg.backend, cfg.providers, cfg.allow_provider_fallback,
-                   cfg.thresholds, scoring_threads(cfg.threads), int8=int8)
+                   cfg.thresholds, scoring_threads(cfg.threads), int8=int8, views=cfg.views)
 
     def golden_check(self) -> "GoldenReport":
         """Re-judge the bundle's golden frames and compare with the rewards recorded at export

@@ -55,6 +55,11 @@ def resize_gray(frame: np.ndarray, size: int) -> np.ndarray:
 # A frame with no part in it: nearly one grey level (lens cap, dead camera, blown exposure), or
 # pixels unrelated to their neighbours (sensor noise). Every real ELPV cell lies far above both
 # thresholds, uniform and noise frames far below (reports/measurements.md).
+# Views of a frame whose rewards may be averaged (appliance config `views`): rot4 gives the same
+# verdict however the camera is turned by quarter turns, at about 4x the image cost.
+VIEWS = {"one": (lambda g: g,),
+         "rot4": (lambda g: g, lambda g: np.rot90(g, 1), lambda g: np.rot90(g, 2), lambda g: np.rot90(g, 3))}
+
 MIN_CONTRAST = 2.0
 MIN_NEIGHBOUR_CORRELATION = 0.5
 
