@@ -260,13 +260,16 @@ def _choices_in_catalog_order(appliance, row: dict) -> list[str]:
     return sorted((s["text"] for s in row["scores"]), key=lambda t: (order.get(t, len(order)), t))
 
 
-def next_review(appliance):
-    """(frame, info, choices update, inspection id) for the part at the head of the queue."""
-    queue = appliance.store.review_queue(limit=1)
-    if not queue:
-        return None, "Nothing to review.", gr.update(choices=[], value=None), None
+def next_review(appliance, inspection_id: int | None = None):
+    """(frame, info, choices update, inspection id) for the part at the head of the queue (or
+    the part given, e.g. the one whose review was just undone)."""
+    if inspection_id is None:
+        queue = appliance.store.review_queue(limit=1)
+        if not queue:
+            return None, "Nothing to review.", gr.update(choices=[], value=None), None
+        inspection_id = queue[0]["id"]
     count = appliance.store.stats()["review_queue"]
-    row = appliance.store.inspection(queue[0]["id"])
+    row = appliance.store.inspection(inspection_id)
     reasons = "; ".join(plain_reason(r) for r in row.get("flag_reasons") or [])
     ranking = [(s["text"], s["score"]) for s in row["scores"]]
     facts = "; ".join(fact_phrases(appliance, ranking))
@@ -284,7 +287,7 @@ def _session_alive(appliance, session: dict | None) -> bool:
 
 
 def log_in(appliance, who, code):
-    """-> session, login message, login row, panel, PIN box, frame, info, choices, current."""
+    """-> session, login message, login row, panel, PIN box, frame, info, choices, current, last review."""
     who = (who or "").strip()
     try:
         ok = appliance.store.check_operator_pin(who, (code or "").strip())
@@ -293,13 +296,14 @@ def log_in(appliance, who, code):
     if not ok:
         return log_out("**Wrong name or PIN.**")
     return ({"name": who, "seen": time.monotonic()}, f"Logged in as **{who}**.", gr.update(visible=False),
-            gr.update(visible=True), "", *next_review(appliance))
+            gr.update(visible=True), "", *next_review(appliance), None)
 
 
 def log_out(message: str = "Logged out."):
-    """-> session, login message, login row, panel, PIN box, frame, info, choices, current."""
+    """-> session, login message, login row, panel, PIN box, frame, info, choices, current, last
+    review (forgotten: the next operator on this tablet cannot undo it)."""
     return (None, message, gr.update(visible=True), gr.update(visible=False), "", None, "",
-            gr.update(choices=[], value=None), None)
+            gr.update(choices=[], value=None), None, None)
 
 
 def file_review(appliance, session, inspection_id, text, last):
@@ -332,7 +336,7 @@ def undo_review(appliance, session, last):
         appliance.store.undo_review(last["review_id"])
     except LinejudgeError as exc:
         return f"**{exc}**", *(gr.update(),) * 4, None
-    frame, info, choices, current = next_review(appliance)
+    frame, info, choices, current = next_review(appliance, last["inspection_id"])
     return f"Undone: part #{last['inspection_id']} is waiting for a review again.", frame, info, choices, current, None
 
 
@@ -341,7 +345,7 @@ def check_session(appliance, session):
     if session and not _session_alive(appliance, session):
         minutes = math.ceil(appliance.cfg.operator_idle_logout_s / 60)
         return log_out(f"Logged out after {minutes} min without a tap; log in again to review.")
-    return (session, *(gr.update(),) * 8)
+    return (session, *(gr.update(),) * 9)
 
 
 def create_ui(appliance) -> gr.Blocks:
@@ -389,7 +393,7 @@ def create_ui(appliance) -> gr.Blocks:
         timer = gr.Timer(1.0)
         timer.tick(partial(live_view, appliance), [show_heat], [live_frame, live_alarms, state, verdict, details])
         timer.tick(partial(status_view, appliance), outputs=[status_alarms, shift, engineer])
-        signed = [session, login_msg, login_row, panel, pin, *review_out]
+        signed = [session, login_msg, login_row, panel, pin, *review_out, last]
         gr.Timer(5.0).tick(partial(check_session, appliance), [session], signed)
         login.click(partial(log_in, appliance), [name, pin], signed)
         logout.click(log_out, None, signed)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.common import write_file_atomic
 from models.errors import ConfigError, LinejudgeError
 from models.preprocess import PreprocessSpec
 from models.reward_model import RewardModel
@@ -99,9 +100,9 @@ def claim_run_dir(cfg: TrainConfig, out: Path) -> None:
         if previous.get("hash") != cfg.hash():
             raise ConfigError(f"{out} holds a run of another config ({previous.get('name')}, "
                               f"hash {previous.get('hash')}); use a new --out directory")
-    elif distributed.is_main():
-        record.write_text(json.dumps({"name": cfg.name, "hash": cfg.hash(), "config": cfg.to_dict()},
-                                     indent=2, default=str) + "\n")
+    elif distributed.is_main():      # atomic: another rank reading it sees it whole or not at all
+        write_file_atomic(record, (json.dumps({"name": cfg.name, "hash": cfg.hash(), "config": cfg.to_dict()},
+                                              indent=2, default=str) + "\n").encode())
 
 
 def copy_image_trunk(teacher: RewardModel, student: RewardModel) -> None:

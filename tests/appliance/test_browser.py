@@ -226,6 +226,7 @@ def test_one_screen_double_tap_undo_and_logout(served, browser, width, height):
 
     page.get_by_role("button", name="Undo last review").click()
     expect(page.get_by_text(f"Undone: part #{shown} is waiting for a review again")).to_be_visible()
+    expect(page.get_by_text(re.compile(rf"Part #{shown} at"))).to_be_visible()       # shown again to review
     assert _reviews(appliance, shown) == []
     with sqlite3.connect(appliance.cfg.db_path) as db:
         assert db.execute("SELECT count(*) FROM outbox WHERE inspection_id = ?", [shown]).fetchone() == (0,)
@@ -247,7 +248,7 @@ def test_ok_ng_and_review_look_different_in_words_and_colour(served, page):
         const holder = document.createElement('div'); holder.innerHTML = markup;
         document.querySelector('#state').appendChild(holder);
         const badge = holder.firstElementChild, style = getComputedStyle(badge);
-        return [badge.innerText.split(/\s+/)[0], style.backgroundColor, style.color]; })""",
+        return [badge.innerText.split(/\\s+/)[0], style.backgroundColor, style.color]; })""",
                           [state_badge(s) for s in ("ok", "ng", "review")])
     assert [word for word, _, _ in looks] == ["OK", "NG", "REVIEW"]
     assert len({background for _, background, _ in looks}) == 3, looks
