@@ -59,6 +59,7 @@ def build_data(cfg: TrainConfig, size: int) -> dict[str, list[CandidateSet]]:
     train, val = [], []
     if d.use_elpv:
         train.append(elpv_set("train", size, d.elpv_train_limit, d.elpv_types, cfg.seed))
+        train[-1].quarter_turns = d.quarter_turns
         val.append(elpv_set("val", size, d.elpv_val_limit, d.elpv_types, cfg.seed))
     backgrounds = elpv.defect_free_backgrounds(size) if d.synthetic_on_elpv_fraction > 0 else None
     if d.synthetic_train:

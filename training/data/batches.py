@@ -36,6 +36,7 @@ class CandidateSet:
     images: np.ndarray
     ids: list[str]
     flippable = True                # synthetic frames are not: a flip moves the defect
+    quarter_turns = False           # also turn by a random multiple of 90 degrees (data.quarter_turns)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -116,8 +117,10 @@ def synthetic_set(name: str, n: int, size: int, seed: int, on_elpv_fraction: flo
     return SyntheticSet(name, images, [f"{name}-{i}" for i in range(n)], facts=facts, negatives=changed)
 
 
-def augment(gray: np.ndarray, rng: np.random.Generator, flips: bool) -> np.ndarray:
-    """Flips and a mild brightness/contrast jitter (uint8 in, uint8 out)."""
+def augment(gray: np.ndarray, rng: np.random.Generator, flips: bool, quarter_turns: bool = False) -> np.ndarray:
+    """Flips (and, if asked, quarter turns) and a mild brightness/contrast jitter (uint8 in, uint8 out)."""
+    if flips and quarter_turns:
+        gray = np.rot90(gray, int(rng.integers(4)))
     if flips and rng.random() < 0.5:
         gray = gray[:, ::-1]
     if flips and rng.random() < 0.5:
@@ -135,6 +138,7 @@ def iterate_batches(data: CandidateSet, batch_size: int, rng: np.random.Generato
         order = rng.permutation(order)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        frames = np.stack([augment(data.images[i], rng, data.flippable) if train else data.images[i] for i in idx])
+        frames = np.stack([augment(data.images[i], rng, data.flippable, data.quarter_turns) if train
+                           else data.images[i] for i in idx])
         sets = [data.texts(int(i), rng, heldout=heldout, display=display) for i in idx]
         yield frames, [t for s in sets for t in s], len(sets[0]), idx
