@@ -3,7 +3,7 @@
 A frame goes when it is past retention, when no inspection names it and it is older than
 ORPHAN_GRACE_SECONDS (left by a crash between the file and its row), or, oldest first, while the
 frames are over the disk budget. Frames of unsent outbox rows are kept always; frames awaiting
-review go only when expired. Store.prune_frames runs this on the store's writer thread: the rows
+waiting in the review queue go only when expired. Store.prune_frames runs this on the store's writer thread: the rows
 are cleared in one write transaction, then the files are deleted.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ PRUNE_BATCH = 500               # frame files deleted per write transaction
 
 FRAME_REFS_SQL = """SELECT frame_path, max(ts) AS last_ts, max(id) AS last_id,
   max(EXISTS (SELECT 1 FROM outbox o WHERE o.inspection_id = i.id AND o.sent_at IS NULL)) AS keep,
-  max(flagged = 1 AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id)) AS awaiting_review
+  max(queued = 1 AND ts >= :fresh_since AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id))
+    AS awaiting_review
 FROM inspections i WHERE frame_path IS NOT NULL GROUP BY frame_path"""
 
 
@@ -67,11 +68,12 @@ def choose_victims(now: datetime, on_disk: dict, refs: dict, retention: timedelt
 
 
 def forget_victims(db: sqlite_utils.Database, now: datetime, on_disk: dict, retention: timedelta,
-                   budget_bytes: int, max_files: int) -> list[str]:
+                   budget_bytes: int, max_files: int, fresh_since: str = "") -> list[str]:
     """Inside the caller's write transaction: choose at most max_files victims and clear the
     frame_path of the rows that name them; returns the victims, whose files the caller deletes
-    (delete_frames) after the commit."""
-    refs = {r["frame_path"]: r for r in db.query(FRAME_REFS_SQL)}
+    (delete_frames) after the commit. A frame waits with its part in the review queue (offered,
+    not reviewed, not older than fresh_since: ReviewBudget.fresh_since)."""
+    refs = {r["frame_path"]: r for r in db.query(FRAME_REFS_SQL, {"fresh_since": fresh_since})}
     victims = choose_victims(now, on_disk, refs, retention, budget_bytes)[:max_files]
     db.execute("UPDATE inspections SET frame_path = NULL WHERE frame_path IN "
                "(SELECT value FROM json_each(?))", [json.dumps(victims)])

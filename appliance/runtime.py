@@ -52,14 +52,15 @@ class ModelRuntime:
     def __init__(self, bundle_dir: Path, manifest: dict, backend: str = "onnxruntime",
                  providers: tuple[str, ...] = ("cpu",), allow_fallback: bool = False,
                  thresholds: dict | None = None, threads: int | None = None, int8: bool = True,
-                 views: str = "one"):
+                 views: str = "one", cache_dir: Path | None = None):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.version = int(manifest["version"])
         self.spec = PreprocessSpec.from_dict(manifest["preprocessing"])
         self.thresholds = Thresholds.from_manifest(manifest.get("thresholds", {}), **(thresholds or {}))
         self.ood = manifest["ood"]
-        self.backend = open_backend(self.bundle_dir, backend, providers, allow_fallback, int8=int8, threads=threads)
+        self.backend = open_backend(self.bundle_dir, backend, providers, allow_fallback, int8=int8, threads=threads,
+                                    cache_dir=cache_dir)
         self.tokenizer = TextTokenizer(self.bundle_dir / "tokenizer.json", self.spec.max_tokens)
         self.catalog = load_catalog(self.bundle_dir / "catalog.yaml")
         self.catalog_features = np.load(self.bundle_dir / "catalog_embeddings.npy")
@@ -170,7 +171,8 @@ class ModelRuntime:
     def for_config(cls, bundle_dir: Path, manifest: dict, cfg, int8: bool = True) -> "ModelRuntime":
         """A runtime for a verified bundle with an ApplianceConfig's backend, providers and thresholds."""
         return cls(bundle_dir, manifest, cfg.backend, cfg.providers, cfg.allow_provider_fallback,
-                   cfg.thresholds, scoring_threads(cfg.threads), int8=int8, views=cfg.views)
+                   cfg.thresholds, scoring_threads(cfg.threads), int8=int8, views=cfg.views,
+                   cache_dir=Path(cfg.state_dir) / "engine-cache" / f"v{manifest['version']}")
 
     def golden_check(self) -> "GoldenReport":
         """Re-judge the bundle's golden frames and compare with the rewards recorded at export

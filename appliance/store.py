@@ -367,7 +367,7 @@ class Store(SingleWriterDB):
                 iid = found[0]["inspection_id"]
                 keys = [f"review-{iid}-{review_id}", f"pref-{iid}-{review_id}-%"]
                 sent = db.execute("SELECT count(*) FROM outbox WHERE (idempotency_key = ? OR idempotency_key "
-                                  "LIKE ?) AND sent_at IS NOT NULL", keys).fetchone()[0]
+                                  "LIKE ?) AND (sent_at IS NOT NULL OR attempts > 0)", keys).fetchone()[0]
                 if sent:
                     raise StoreError(f"the review of part #{iid} has already gone to HQ and cannot be undone; "
                                      "tell the engineer if it was wrong")
@@ -385,9 +385,17 @@ class Store(SingleWriterDB):
         self._execute(("UPDATE outbox SET sent_at = ? WHERE sent_at IS NULL AND id IN "
                        "(SELECT value FROM json_each(?))", [to_iso(), json.dumps(list(ids))]))
 
-    def record_attempt(self, ids: list[int]) -> None:
-        self._execute(("UPDATE outbox SET attempts = attempts + 1 WHERE id IN (SELECT value FROM json_each(?))",
-                       [json.dumps(list(ids))]))
+    def record_attempt(self, ids: list[int]) -> list[int]:
+        """Count a send attempt for these rows (before they go out); returns the ids still there
+        (an Undo may have taken some back), which are then the only ones to send. Once counted,
+        a review can no longer be undone: its records may be at HQ."""
+        def count(db):
+            with _immediate(db):
+                db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id IN (SELECT value FROM json_each(?))",
+                           [json.dumps(list(ids))])
+                return [r["id"] for r in db.query("SELECT id FROM outbox WHERE id IN (SELECT value FROM json_each(?))",
+                                                  [json.dumps(list(ids))])]
+        return self._write(count)
 
     def record_model(self, version: str, state: str, reason: str = "") -> None:
         """One row per version; recording one as active demotes the active one to previous."""
@@ -445,7 +453,8 @@ class Store(SingleWriterDB):
 
         def prune(db):
             with _immediate(db):
-                victims = forget_victims(db, now, on_disk, self.retention, self.frame_budget_bytes, max_files)
+                victims = forget_victims(db, now, on_disk, self.retention, self.frame_budget_bytes, max_files,
+                                         self.budget.fresh_since(now))
             # after the commit, on the writer thread: no log_inspection races it
             delete_frames(self.frames_dir, victims)
             return len(victims)

@@ -93,15 +93,17 @@ def _send_outbox(s: HQSession, store, appliance_id: str, result: dict) -> None:
             return
         result["frames_uploaded"] += _upload_frames(s, store, rows, uploaded, cache)
         ids = [r["id"] for r in rows]
-        records = [{"idempotency_key": r["idempotency_key"], "kind": r["kind"], "payload": r["payload"]}
-                   for r in rows]
-        batch_key = _batch_key(rows)
 
         def post():
-            store.record_attempt(ids)
+            present = set(store.record_attempt(ids))      # rows an operator's Undo took back stay here
+            batch = [r for r in rows if r["id"] in present]
+            if not batch:
+                return set(), []
+            records = [{"idempotency_key": r["idempotency_key"], "kind": r["kind"], "payload": r["payload"]}
+                       for r in batch]
             resp = s.check(s.client.post(s.base + path, json={"records": records}, timeout=s.timeout,
-                                         headers=s.headers({"Idempotency-Key": batch_key})),
-                           f"sending {len(rows)} outbox rows")
+                                         headers=s.headers({"Idempotency-Key": _batch_key(batch)})),
+                           f"sending {len(batch)} outbox rows")
             try:
                 body = resp.json()
                 return set(body["accepted"]), body.get("rejected") or []

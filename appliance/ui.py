@@ -309,8 +309,8 @@ def log_out(message: str = "Logged out."):
 def file_review(appliance, session, inspection_id, text, last):
     """-> message, frame, info, choices, current, session, last review, typed text."""
     unchanged = (gr.update(),) * 5
-    if not _session_alive(appliance, session):
-        return "**Log in first.**", *unchanged[:4], None, last, gr.update()
+    if not _session_alive(appliance, session):      # an expired session: the timer logs it out and hides the panel
+        return "**Log in first.**", *unchanged[:4], session, last, gr.update()
     if last and time.monotonic() - last["at"] < DEBOUNCE_S:
         return *unchanged, session, last, gr.update()          # the second tap of a double tap
     text = (text or "").strip()

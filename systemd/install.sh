@@ -60,6 +60,10 @@ if [ "$ROLE" = appliance ] && [ ! -e /etc/linejudge/appliance.yaml ]; then
   cp "$PREFIX/systemd/appliance.example.yaml" /etc/linejudge/appliance.yaml
   say "wrote /etc/linejudge/appliance.yaml from the example: set source, line and operator_pins"
 fi
+if [ -e /etc/linejudge/appliance.yaml ]; then      # it holds the operators' PINs
+  chown root:linejudge /etc/linejudge/appliance.yaml 2>/dev/null || true
+  chmod 0640 /etc/linejudge/appliance.yaml
+fi
 STATE=/var/lib/$USER_NAME
 mkdir -p "$STATE" && chown "$USER_NAME:$USER_NAME" "$STATE" && chmod 0750 "$STATE"
 

@@ -25,12 +25,15 @@ class ScoringBackend(Protocol):
 
 
 def open_backend(bundle_dir, backend: str = "onnxruntime", providers: tuple[str, ...] = ("cpu",),
-                 allow_fallback: bool = False, int8: bool = True, threads: int | None = None) -> ScoringBackend:
+                 allow_fallback: bool = False, int8: bool = True, threads: int | None = None,
+                 cache_dir=None) -> ScoringBackend:
+    """cache_dir: where TensorRT engines are cached (a writable place: an installed bundle may
+    lie on a read-only /opt); None = beside the bundle."""
     if backend == "onnxruntime":
         from appliance.scoring.onnx_backend import OnnxBackend
-        return OnnxBackend(bundle_dir, providers, allow_fallback, int8=int8, threads=threads)
+        return OnnxBackend(bundle_dir, providers, allow_fallback, int8=int8, threads=threads, cache_dir=cache_dir)
     if backend == "tensorrt":
         from appliance.scoring.tensorrt_backend import TensorRTBackend
-        return TensorRTBackend(bundle_dir)
+        return TensorRTBackend(bundle_dir, cache_dir=cache_dir)
     from models.errors import ConfigError
     raise ConfigError(f"unknown scoring backend {backend!r}; use 'onnxruntime' or 'tensorrt'")

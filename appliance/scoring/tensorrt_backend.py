@@ -7,6 +7,7 @@ a pool is the next step if profiling asks for it).
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ def _check(result):
 
 
 class TensorRTBackend:
-    def __init__(self, bundle_dir: Path, precision: str = "fp16"):
+    def __init__(self, bundle_dir: Path, precision: str = "fp16", cache_dir: Path | None = None):
         try:
             import tensorrt as trt
             from cuda.bindings import runtime as cudart
@@ -33,16 +34,22 @@ class TensorRTBackend:
         self._trt, self._cudart = trt, cudart
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
-        paths = bundle_to_engines(Path(bundle_dir), precision)
+        paths = bundle_to_engines(Path(bundle_dir), precision, cache_dir=cache_dir)
         self.engines = {p.name.split("-")[0]: runtime.deserialize_cuda_engine(p.read_bytes()) for p in paths}
         if any(e is None for e in self.engines.values()):
             raise ModelError("a cached TensorRT engine failed to load; delete the .engine_cache and rebuild")
         self.contexts = {k: e.create_execution_context() for k, e in self.engines.items()}
         self.stream = _check(cudart.cudaStreamCreate())
+        self._lock = threading.Lock()     # one execution context and stream: the inspection loop and the
+                                          # screen's heat map must not interleave shapes and addresses
         self.provider = f"TensorRT {trt.__version__} ({precision})"
         self.quantized, self.precision = precision == "int8", precision
 
     def _run(self, stem: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        with self._lock:
+            return self._run_unlocked(stem, inputs)
+
+    def _run_unlocked(self, stem: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         trt, cudart = self._trt, self._cudart
         engine, ctx = self.engines[stem], self.contexts[stem]
         buffers = []

@@ -72,3 +72,21 @@ def test_undo_takes_back_the_review_and_its_records_until_they_have_gone_to_hq(t
             store.undo_review(second)
         with pytest.raises(StoreError, match="does not exist"):
             store.undo_review(second + 100)
+
+
+def test_an_undo_and_a_sync_pass_never_both_win(tmp_path):
+    """Once sync has counted its attempt the review may be at HQ: Undo is refused; rows an Undo
+    took back first are not sent (record_attempt returns only the rows still there)."""
+    with Store(tmp_path / "a.db") as store:
+        first, second = (store.log_inspection(line="l", station="s", model_version=1, verdict="crack",
+                                              best_score=2.0, p_best=0.5, flagged=True, reasons=[],
+                                              ranking=RANKING, latency_ms=1.0) for _ in range(2))
+        undone = store.add_review(first, "ana", "no defect")
+        store.add_review(second, "ana", "crack")
+        ids = [r["id"] for r in store.unsent_outbox()]          # sync has read the rows ...
+        store.undo_review(undone)                              # ... an Undo comes first ...
+        present = store.record_attempt(ids)                    # ... so they are not sent
+        assert {r["inspection_id"] for r in store._query("SELECT inspection_id FROM outbox WHERE id IN "
+                                                         f"({','.join(map(str, present))})")} == {second}
+        with pytest.raises(StoreError, match="already gone to HQ"):
+            store.undo_review(store.reviews_of(second)[0]["id"])

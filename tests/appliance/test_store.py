@@ -299,3 +299,15 @@ def test_sigkill_never_loses_a_committed_inspection(tmp_path):
         assert all((frames / r["frame_path"]).exists()
                    for r in s._query("SELECT frame_path FROM inspections WHERE frame_path IS NOT NULL"))
         assert count(s, "outbox") == 2 * count(s, "reviews")     # review + one preference pair
+
+
+def test_only_frames_waiting_in_the_review_queue_are_spared_by_the_disk_budget(tmp_path):
+    """Flagged parts the budget did not offer (or that left the queue) must not fill the disk."""
+    from appliance.review_budget import ReviewPolicy
+    frame_bytes = len(b"frame-0" * 100)
+    with Store(tmp_path / "a.db", frame_budget_mb=1.5 * frame_bytes / 2 ** 20,
+               review_policy=ReviewPolicy(cap_per_hour=1, burst=1)) as s:
+        ids = [log(s, n, flagged=True) for n in range(4)]
+        assert [s.inspection(i)["queued"] for i in ids] == [1, 0, 0, 0]
+        assert s.prune_frames() == 3
+        assert [i for i in ids if s.inspection(i)["frame_path"]] == [ids[0]]      # the one waiting
