@@ -16,6 +16,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from appliance.review_budget import WAITING_SQL
 from models.common import to_iso
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,7 @@ PRUNE_BATCH = 500               # frame files deleted per write transaction
 
 FRAME_REFS_SQL = """SELECT frame_path, max(ts) AS last_ts, max(id) AS last_id,
   max(EXISTS (SELECT 1 FROM outbox o WHERE o.inspection_id = i.id AND o.sent_at IS NULL)) AS keep,
-  max(queued = 1 AND ts >= :fresh_since AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id))
-    AS awaiting_review
+  max(""" + WAITING_SQL + """) AS awaiting_review
 FROM inspections i WHERE frame_path IS NOT NULL GROUP BY frame_path"""
 
 
@@ -73,7 +73,7 @@ def forget_victims(db: sqlite_utils.Database, now: datetime, on_disk: dict, rete
     frame_path of the rows that name them; returns the victims, whose files the caller deletes
     (delete_frames) after the commit. A frame waits with its part in the review queue (offered,
     not reviewed, not older than fresh_since: ReviewBudget.fresh_since)."""
-    refs = {r["frame_path"]: r for r in db.query(FRAME_REFS_SQL, {"fresh_since": fresh_since})}
+    refs = {r["frame_path"]: r for r in db.query(FRAME_REFS_SQL, [fresh_since])}
     victims = choose_victims(now, on_disk, refs, retention, budget_bytes)[:max_files]
     db.execute("UPDATE inspections SET frame_path = NULL WHERE frame_path IN "
                "(SELECT value FROM json_each(?))", [json.dumps(victims)])

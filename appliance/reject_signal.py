@@ -26,7 +26,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from models.common import is_whole
+from models.common import is_whole, section_values
 from models.errors import ConfigError
 
 log = logging.getLogger("linejudge.reject_signal")
@@ -57,13 +57,8 @@ class RejectSignalConfig:
 def reject_signal_from_dict(data, where: str = "config") -> RejectSignalConfig | None:
     if data is None:
         return None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: reject_signal must be a mapping, e.g. reject_signal: {{port: 5020}}, not {data!r}")
-    unknown = sorted(set(data) - set(RejectSignalConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"{where}: unknown reject_signal key(s) {', '.join(unknown)} "
-                          f"(allowed: {', '.join(RejectSignalConfig.__dataclass_fields__)})")
-    return RejectSignalConfig(**data)
+    return RejectSignalConfig(**section_values(data, "reject_signal", RejectSignalConfig.__dataclass_fields__,
+                                               "{port: 5020}", where))
 
 
 def _words(value: int) -> list[int]:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
-from models.common import is_number, is_whole, to_iso
+from models.common import is_number, is_whole, section_values, to_iso
 from models.errors import ConfigError
 
 SOURCES = ("camera", "api")
@@ -66,13 +66,7 @@ class ReviewPolicy:
 
 def policy_from_dict(data, where: str = "config", base: ReviewPolicy = ReviewPolicy()) -> ReviewPolicy:
     """The `review:` mapping of a config; keys it leaves out keep base's values."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: review must be a mapping, e.g. review: {{cap_per_hour: 60}}, not {data!r}")
-    known = set(ReviewPolicy.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown review key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
-    values = dict(data)
+    values = section_values(data, "review", ReviewPolicy.__dataclass_fields__, "{cap_per_hour: 60}", where)
     for name in ("sources", "hq_sources"):
         if name in values:
             if not isinstance(values[name], list):
@@ -87,6 +81,10 @@ def shift_start(now: datetime, shift_hours: float) -> datetime:
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
     into_day = (local - midnight).total_seconds()
     return midnight + timedelta(seconds=into_day - into_day % (shift_hours * 3600))
+
+
+# An inspection waiting in the review queue (i: the inspections row; parameter: fresh_since's time).
+WAITING_SQL = "queued = 1 AND ts >= ? AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id)"
 
 
 def offered_since(db, since: datetime) -> int:

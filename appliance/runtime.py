@@ -131,7 +131,8 @@ class ModelRuntime:
     def _view_averaged(self, gray: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The frame's patches (first view: the frame as it is) and its rewards averaged over
         self.views, all views in one image-encoder batch."""
-        batch = np.concatenate([normalize(np.ascontiguousarray(view(gray)), self.spec) for view in self.views])
+        batch = normalize(gray, self.spec) if len(self.views) == 1 else \
+            np.concatenate([normalize(np.ascontiguousarray(view(gray)), self.spec) for view in self.views])
         patches = self.backend.image_features(batch)
         return patches[:1], self.backend.rewards(patches, features).mean(axis=0)
 

@@ -28,7 +28,7 @@ import sqlite_utils
 
 from appliance.frame_retention import PRUNE_BATCH, delete_frames, forget_victims, scan_frames
 from appliance.operators import OperatorPins
-from appliance.review_budget import ReviewBudget, ReviewPolicy, clock_now
+from appliance.review_budget import WAITING_SQL as WAITING, ReviewBudget, ReviewPolicy, clock_now
 from models.errors import StoreError
 from models.common import to_iso, utc, write_file_atomic
 
@@ -74,8 +74,6 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite_utils.Database], None] | str]] = [
            CREATE INDEX inspections_queued ON inspections(queued, ts)"""),
 ]
 
-# An inspection waiting in the review queue (parameter: the ISO time before which it has left).
-WAITING = ("queued = 1 AND ts >= ? AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id)")
 UNREVIEWED_SQL = ("SELECT * FROM inspections i WHERE queued = 1 AND ts < ? AND source IN (SELECT value FROM "
                   "json_each(?)) AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.inspection_id = i.id) "
                   "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.idempotency_key = 'unreviewed-' || i.id) "

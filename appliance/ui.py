@@ -136,12 +136,14 @@ def state_badge(state: str | None) -> str:
     return f'<div class="state state-{state}" data-state="{state}">{word} <small>{meaning}</small></div>'
 
 
-def alarm_banner(appliance) -> str:
-    alarms = current_alarms(appliance)
+def alarm_banner(appliance, alarms=None) -> str:
+    """alarms: [{"kind", "text"}] as Appliance.status() has them already; None = look now."""
+    if alarms is None:
+        alarms = [{"kind": a.kind, "text": a.text} for a in current_alarms(appliance)]
     if not alarms:
         return ""
     age = verdict_age(appliance)
-    lines = [f'<div class="alarm" data-kind="{a.kind}">{html.escape(a.text)}</div>' for a in alarms]
+    lines = [f'<div class="alarm" data-kind="{a["kind"]}">{html.escape(a["text"])}</div>' for a in alarms]
     lines.append(f'<div class="age">The verdict on screen is {age} old.</div>' if age else
                  '<div class="age">No part has been inspected yet.</div>')
     return "".join(lines)
@@ -224,7 +226,7 @@ def status_view(appliance) -> tuple[str, str, str]:
         f"**Latency** last judgement {s['latency_ms']} ms",
         f"**Disk** {s['disk_free_mb']} MB free, dropped frames {s['dropped_frames']}",
         f"**Store alarm** {s['alarm']}" if s.get("alarm") else ""]))
-    return alarm_banner(appliance), shift, engineer
+    return alarm_banner(appliance, s["alarms"]), shift, engineer
 
 
 def history_html(appliance, limit: int = 50) -> str:

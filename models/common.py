@@ -35,6 +35,17 @@ def read_yaml(path: str | Path, what: str, hint: str):
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
 
 
+def section_values(data, section: str, allowed, example: str, where: str = "config") -> dict:
+    """A config section (a YAML mapping such as `review:`) checked for shape and unknown keys;
+    ConfigError naming the section otherwise. Returns a copy to build the section's dataclass."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {section} must be a mapping, e.g. {section}: {example}, not {data!r}")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown {section} key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+    return dict(data)
+
+
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write, fsync and rename, so the file is either whole or absent (a manifest, a signature,
     a saved frame, an uploaded frame at HQ). Safe from several threads and processes at once."""
