@@ -94,23 +94,29 @@ eval-full: $(STAMP)
 	$(BIN)/linejudge eval --model runs/full --split test --json runs/full/eval_test.json
 	mkdir -p reports/full && cp runs/full/eval_val* runs/full/eval_test* reports/full/ && cp runs/full/summary.json reports/full/
 
-keys/hq.key:
-	$(BIN)/linejudge bundle keygen --out keys --key-id hq
-	mkdir -p models/keys && cp keys/hq.pub models/keys/hq.pub
+# The HQ signing key. Its private half never enters git (keys/ is ignored): keep a backup of
+# keys/$(KEY_ID).key. The public halves in models/keys/ are what appliances trust; a key that
+# is lost is rotated (a new KEY_ID), and the old public key stays there so bundles it signed
+# still verify. hq.pub signed bundles v1-v2 (its private half was lost with its checkout);
+# hq-2026-12 signs from v3 on.
+KEY_ID := hq-2026-12
+keys/$(KEY_ID).key:
+	$(BIN)/linejudge bundle keygen --out keys --key-id $(KEY_ID)
+	mkdir -p models/keys && cp keys/$(KEY_ID).pub models/keys/$(KEY_ID).pub
 
 # Blocks 0 and 1 stay fp32: with 7-bit INT8 weights there the top-1 agreement gate fails
 # (block 0 INT8: 0.98 < 0.99; blocks 0-1 fp32: 0.9935 on val).
 KEEP_FP32 := /blocks.0/ /blocks.1/
-default-bundle: $(STAMP) keys/hq.key
-	$(BIN)/linejudge export --checkpoint runs/full --out $(BUNDLE) --key keys/hq.key --key-id hq --keep-fp32 $(KEEP_FP32)
+default-bundle: $(STAMP) keys/$(KEY_ID).key
+	$(BIN)/linejudge export --checkpoint runs/full --out $(BUNDLE) --key keys/$(KEY_ID).key --key-id $(KEY_ID) --keep-fp32 $(KEEP_FP32)
 	$(BIN)/linejudge bundle verify $(BUNDLE)
 	$(BIN)/linejudge eval --model $(BUNDLE) --split test --json reports/full/bundle_eval_test.json
 
 # Remake the shipped bundle's INT8 graphs from its fp32 graphs (no training run needed): how
 # v2 was made from v1's saturating 8-bit graphs. Needs the HQ private key.
-requantize-default-bundle: $(STAMP) keys/hq.key
+requantize-default-bundle: $(STAMP) keys/$(KEY_ID).key
 	rm -rf $(BUNDLE).requantized
-	$(BIN)/linejudge bundle requantize $(BUNDLE) --to $(BUNDLE).requantized --key keys/hq.key --key-id hq --keep-fp32 $(KEEP_FP32)
+	$(BIN)/linejudge bundle requantize $(BUNDLE) --to $(BUNDLE).requantized --key keys/$(KEY_ID).key --key-id $(KEY_ID) --keep-fp32 $(KEEP_FP32)
 	rm -rf $(BUNDLE) && mv $(BUNDLE).requantized $(BUNDLE)
 	$(BIN)/linejudge bundle verify $(BUNDLE)
 	$(BIN)/linejudge eval --model $(BUNDLE) --split test --json reports/full/bundle_eval_test.json

@@ -107,6 +107,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_cv(args) -> int:
+    from training.config import load_config
+    from training.cv import cross_validate
+    result = cross_validate(load_config(args.config), args.out, folds=args.folds, only=args.fold)
+    figures = "  ".join(f"{k} {v:.4f} +- {result['sd'][k]:.4f}" for k, v in result.get("mean", {}).items())
+    print(f"{len(result['per_fold'])} of {args.folds} folds done -> {Path(args.out) / 'cv.json'}  {figures}")
+    return 0
+
+
+def cmd_ablation(args) -> int:
+    from training.cv import ablation
+    table, plot = ablation([Path(d) for d in args.runs], Path(args.out))
+    print(table.read_text(), end="")
+    print(f"table -> {table}\nplot -> {plot}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from models.bundle import is_bundle
     if is_bundle(args.model):       # the exported graphs: JSON only, INT8 beside fp32
@@ -234,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="training/configs/<name>.yaml")
     p.add_argument("--out", required=True, help="run directory (resumes if it exists)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation of a training config over train + val (HQ)")
+    p.add_argument("--config", required=True, help="training/configs/<name>.yaml")
+    p.add_argument("--out", required=True, help="directory of the fold runs (resumes if it exists)")
+    p.add_argument("--folds", type=positive_int, default=5)
+    p.add_argument("--fold", type=int, default=None, help="train this fold only (0 to folds-1)")
+    p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("ablation", help="compare cross-validated recipes: markdown table + plot")
+    p.add_argument("runs", nargs="+", help="directories written by `linejudge cv`")
+    p.add_argument("--out", required=True, help="where ablation.md and ablation.png go")
+    p.set_defaults(func=cmd_ablation)
 
     p = sub.add_parser("eval", help="evaluate a trained model: JSON + HTML report with plots")
     p.add_argument("--model", required=True, help="a run directory, a stage model directory or a bundle")

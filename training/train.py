@@ -54,14 +54,16 @@ def preprocess_spec(cfg: TrainConfig) -> PreprocessSpec:
     return PreprocessSpec(image_size=cfg.student.image_size, max_tokens=cfg.student.max_tokens)
 
 
-def build_data(cfg: TrainConfig, size: int) -> dict[str, list[CandidateSet]]:
+def build_data(cfg: TrainConfig, size: int, fold: tuple[int, int] | None = None) -> dict[str, list[CandidateSet]]:
+    """The training and validation sets; `fold` (k, folds) takes the ELPV cells from fold k of a
+    cross-validation over train + val (elpv.cv_split) instead of the fixed split."""
     d = cfg.data
     train, val = [], []
     if d.use_elpv:
-        train.append(elpv_set("train", size, d.elpv_train_limit, d.elpv_types, cfg.seed))
+        train.append(elpv_set("train", size, d.elpv_train_limit, d.elpv_types, cfg.seed, fold))
         train[-1].quarter_turns = d.quarter_turns
-        val.append(elpv_set("val", size, d.elpv_val_limit, d.elpv_types, cfg.seed))
-    backgrounds = elpv.defect_free_backgrounds(size) if d.synthetic_on_elpv_fraction > 0 else None
+        val.append(elpv_set("val", size, d.elpv_val_limit, d.elpv_types, cfg.seed, fold))
+    backgrounds = elpv.defect_free_backgrounds(size, fold=fold) if d.synthetic_on_elpv_fraction > 0 else None
     if d.synthetic_train:
         train.append(synthetic_set("synthetic-train", d.synthetic_train, size, cfg.seed + 1,
                                    d.synthetic_on_elpv_fraction, backgrounds, d.synthetic_negatives))
@@ -113,7 +115,9 @@ def copy_image_trunk(teacher: RewardModel, student: RewardModel) -> None:
         getattr(s, name).load_state_dict(getattr(t, name).state_dict())
 
 
-def train(cfg: TrainConfig, out: str | Path) -> dict:
+def train(cfg: TrainConfig, out: str | Path, fold: tuple[int, int] | None = None) -> dict:
+    """Run every stage of cfg into out (resuming where it stopped); fold: a cross-validation fold
+    (training/cv.py) instead of the fixed train/val split."""
     out = Path(out)
     if any(s.name == "fleet" for s in cfg.stages):
         raise ConfigError(f"{cfg.name} is a fleet retraining config: run it with `linejudge hq retrain`")
@@ -126,13 +130,14 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
     enc = Encoder(spec)
     started = time.time()
     print(f"building data for {cfg.name} ...", flush=True)
-    data = build_data(cfg, spec.image_size)
+    data = build_data(cfg, spec.image_size, fold)
     used = check_no_test_cells(data["train"] + data["val"])
     if distributed.is_main():
         (out / "train_ids.json").write_text(json.dumps({"elpv_ids": used}) + "\n")
     teacher = RewardModel(cfg.teacher)
     proxy = student = None
     summary = {"config": cfg.name, "config_hash": cfg.hash(), "stages": [],
+               **({"cv_fold": list(fold)} if fold is not None else {}),
                "sizes": {k: len(v) for k, v in ((s.name, s) for s in data["train"] + data["val"])}}
     elpv_val = elpv_val_figures(data["val"], enc)
     for stage in cfg.stages:

@@ -95,8 +95,9 @@ class SyntheticSet(CandidateSet):
         return [truth] + [synthetic.describe(f, rng, heldout=heldout) for f in self.negatives[i]]
 
 
-def elpv_set(part: str, size: int, limit: int | None = None, types=TYPES, seed: int = 0) -> ElpvSet:
-    cells = [c for c in elpv.cells_for(part, limit=limit, seed=seed) if c.cell_type in types]
+def elpv_set(part: str, size: int, limit: int | None = None, types=TYPES, seed: int = 0,
+             fold: tuple[int, int] | None = None) -> ElpvSet:
+    cells = [c for c in elpv.cells_for(part, limit=limit, seed=seed, fold=fold) if c.cell_type in types]
     return ElpvSet(f"elpv-{part}", elpv.load_images(cells, size), [c.id for c in cells],
                    levels=np.array([c.level for c in cells]), types=[c.cell_type for c in cells],
                    catalog=el_catalog())

@@ -76,9 +76,32 @@ def load_split() -> dict[str, list[str]]:
     return {k: data[k] for k in ("train", "val", "test")}
 
 
-def cells_for(part: str, limit: int | None = None, seed: int = 0) -> list[ElpvCell]:
-    """Cells of one split part; `limit` keeps a stratified-ish random subset (tiny runs)."""
-    ids = set(load_split()[part])
+def cv_split(fold: int, folds: int) -> dict[str, list[str]]:
+    """Cross-validation over the train part (train + val, never test): the cells are dealt into
+    `folds` folds stratified by defect level x cell type; fold `fold` is "val", the others "train"."""
+    split = load_split()
+    ids = set(split["train"]) | set(split["val"])
+    strata: dict[tuple, list[str]] = {}
+    for cell in read_cells():
+        if cell.id in ids:
+            strata.setdefault((cell.level, cell.cell_type), []).append(cell.id)
+    rng = np.random.default_rng(SPLIT_SEED + folds)
+    out = {"train": [], "val": []}
+    for key in sorted(strata):
+        members = sorted(strata[key])
+        rng.shuffle(members)
+        for i, cell_id in enumerate(members):
+            out["val" if i % folds == fold else "train"].append(cell_id)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def cells_for(part: str, limit: int | None = None, seed: int = 0,
+              fold: tuple[int, int] | None = None) -> list[ElpvCell]:
+    """Cells of one split part; `limit` keeps a stratified-ish random subset (tiny runs);
+    `fold` (k, folds) takes "train"/"val" from the cross-validation split instead (cv_split)."""
+    if fold is not None and part not in ("train", "val"):
+        raise ValueError(f"cross-validation folds have train and val parts only, not {part!r}")
+    ids = set(cv_split(*fold)[part] if fold is not None else load_split()[part])
     cells = [c for c in read_cells() if c.id in ids]
     if limit is not None and limit < len(cells):
         order = np.random.default_rng(seed).permutation(len(cells))[:limit]
@@ -96,7 +119,7 @@ def load_images(cells: list[ElpvCell], size: int) -> np.ndarray:
     return out
 
 
-def defect_free_backgrounds(size: int, limit: int = 200) -> np.ndarray:
-    """Defect-free train cells, backgrounds for synthetic defects (never test cells)."""
-    cells = [c for c in cells_for("train") if c.level == 0][:limit]
+def defect_free_backgrounds(size: int, limit: int = 200, fold: tuple[int, int] | None = None) -> np.ndarray:
+    """Defect-free train cells, backgrounds for synthetic defects (never test or val cells)."""
+    cells = [c for c in cells_for("train", fold=fold) if c.level == 0][:limit]
     return load_images(cells, size)

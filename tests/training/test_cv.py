@@ -1,0 +1,99 @@
+"""Cross-validation folds and the ablation table (training/cv.py)."""
+import json
+import shutil
+from collections import Counter
+
+import pytest
+
+from models.errors import ConfigError
+from training.config import config_from_dict
+from training.cv import ablation, cross_validate
+from training.data import elpv
+import yaml
+
+from micro import MICRO_MODELS
+
+
+def test_folds_partition_train_and_val_stratified_and_never_touch_test():
+    split = elpv.load_split()
+    pool = set(split["train"]) | set(split["val"])
+    folds = [elpv.cv_split(k, 5) for k in range(5)]
+    vals = [set(f["val"]) for f in folds]
+    assert set().union(*vals) == pool
+    assert sum(len(v) for v in vals) == len(pool)                    # disjoint
+    for f in folds:
+        assert set(f["train"]) | set(f["val"]) == pool and not set(f["train"]) & set(f["val"])
+        assert not (set(f["train"]) | set(f["val"])) & set(split["test"])
+    strata = {c.id: (c.level, c.cell_type) for c in elpv.read_cells()}
+    counts = [Counter(strata[i] for i in v) for v in vals]
+    for key in set(strata[i] for i in pool):
+        sizes = [c[key] for c in counts]
+        assert max(sizes) - min(sizes) <= 1, (key, sizes)              # each stratum dealt evenly
+    assert elpv.cv_split(0, 5) == folds[0]                             # the same split every time
+    with pytest.raises(ValueError, match="train and val parts only"):
+        elpv.cells_for("test", fold=(0, 5))
+
+
+MICRO_CV = MICRO_MODELS.replace("frozen_blocks: 12}", "frozen_blocks: 12, level_weight: 1.0}") + """\
+data: {elpv_train_limit: 16, elpv_val_limit: 8, synthetic_train: 0, synthetic_val: 0, text_pairs: 32}
+stages:
+  - {name: text, epochs: 1, lr: 0.003, batch_size: 8}
+  - {name: classify, epochs: 1, lr: 0.003, batch_size: 8, select: level_head}
+"""
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory):
+    cfg = config_from_dict(yaml.safe_load(MICRO_CV), name="micro-cv")
+    out = tmp_path_factory.mktemp("cv") / "micro-cv"
+    return cfg, out, cross_validate(cfg, out, folds=2)
+
+
+def test_each_fold_trains_on_the_others_and_validates_on_its_own(cv_run):
+    cfg, out, result = cv_run
+    assert [f["fold"] for f in result["per_fold"]] == [0, 1]
+    for k in (0, 1):
+        split = elpv.cv_split(k, 2)
+        used = set(json.loads((out / f"fold-{k}" / "train_ids.json").read_text())["elpv_ids"])
+        assert used <= set(split["train"]) | set(split["val"])
+        assert used & set(split["val"]) and used & set(split["train"])
+        summary = json.loads((out / f"fold-{k}" / "summary.json").read_text())
+        assert summary["cv_fold"] == [k, 2]
+    values = [f["val_level_head_binary_accuracy"] for f in result["per_fold"]]
+    assert result["mean"]["val_level_head_binary_accuracy"] == pytest.approx(sum(values) / 2)
+    assert json.loads((out / "cv.json").read_text()) == result
+
+
+def test_a_finished_cross_validation_is_not_trained_again(cv_run):
+    cfg, out, result = cv_run
+    stamp = (out / "fold-1" / "classify" / "done.json").stat().st_mtime_ns
+    assert cross_validate(cfg, out, folds=2, only=1) == result
+    assert (out / "fold-1" / "classify" / "done.json").stat().st_mtime_ns == stamp
+
+
+def test_ablation_table_and_plot_compare_recipes(cv_run, tmp_path):
+    _, out, result = cv_run
+    other = tmp_path / "other-recipe"
+    shutil.copytree(out, other)
+    table, plot = ablation([out, other], tmp_path / "report")
+    text = table.read_text()
+    mean, sd = result["mean"]["val_elpv_binary_accuracy"], result["sd"]["val_elpv_binary_accuracy"]
+    assert f"| micro-cv | micro-cv ({result['config_hash']}) | 2 | {mean:.3f} +- {sd:.3f}" in text
+    assert "| other-recipe |" in text
+    assert plot.stat().st_size > 1000
+
+
+def test_unfinished_or_missing_runs_are_refused_with_what_to_do(cv_run, tmp_path):
+    _, out, _ = cv_run
+    with pytest.raises(ConfigError, match="run `linejudge cv"):
+        ablation([tmp_path / "nothing"], tmp_path / "report")
+    half = tmp_path / "half"
+    shutil.copytree(out, half)
+    data = json.loads((half / "cv.json").read_text())
+    data["per_fold"] = data["per_fold"][:1]
+    del data["mean"]
+    (half / "cv.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="only 1 of 2 folds"):
+        ablation([half], tmp_path / "report")
+    with pytest.raises(ConfigError, match="--fold must be from 0 to 1"):
+        cross_validate(cv_run[0], tmp_path / "x", folds=2, only=2)

@@ -1,0 +1,123 @@
+"""k-fold cross-validation of a training recipe, and the ablation table that compares recipes.
+
+Val has 263 cells: one standard error of a binary accuracy there is about 2 points, so most
+recipe changes cannot be told apart on it. `cross_validate` trains a config once per fold of a
+stratified k-fold split of the whole train part (train + val; the test cells never enter,
+elpv.cv_split) and reports each fold's figures of the kept epoch of the last stage, their mean
+and standard deviation. Every fold is an ordinary run directory (out/fold-<k>), so an
+interrupted cross-validation resumes where it stopped.
+
+`ablation` reads several such directories and writes a markdown table and a plot: one row per
+recipe, mean +- standard deviation over the folds.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from models.common import write_file_atomic
+from models.errors import ConfigError
+from training.config import TrainConfig
+
+CV_FILE = "cv.json"
+FIGURES = ("val_elpv_binary_accuracy", "val_level_head_binary_accuracy", "val_pairwise_accuracy")
+
+
+def cross_validate(cfg: TrainConfig, out: str | Path, folds: int = 5, only: int | None = None) -> dict:
+    """Train cfg on each fold (or only fold `only`) into out/fold-<k>; out/cv.json holds the
+    folds finished so far and, once all are, their mean and standard deviation."""
+    from training.train import train
+    if not 2 <= folds <= 10:
+        raise ConfigError(f"--folds must be from 2 to 10, got {folds}")
+    if only is not None and not 0 <= only < folds:
+        raise ConfigError(f"--fold must be from 0 to {folds - 1} (folds are numbered from 0), got {only}")
+    out = Path(out)
+    for k in ([only] if only is not None else range(folds)):
+        if not _finished(out / f"fold-{k}", cfg):   # a finished fold keeps its summary (and its minutes)
+            train(cfg, out / f"fold-{k}", fold=(k, folds))
+    return summarize(cfg.name, cfg.hash(), out, folds)
+
+
+def _finished(run: Path, cfg: TrainConfig) -> bool:
+    path = run / "summary.json"
+    return path.exists() and json.loads(path.read_text()).get("config_hash") == cfg.hash()
+
+
+def summarize(name: str, config_hash: str, out: Path, folds: int) -> dict:
+    per_fold = []
+    for k in range(folds):
+        path = out / f"fold-{k}" / "summary.json"
+        if path.exists():
+            per_fold.append({"fold": k, **final_figures(json.loads(path.read_text()))})
+    result = {"config": name, "config_hash": config_hash, "folds": folds, "per_fold": per_fold}
+    if len(per_fold) == folds:
+        for key in FIGURES:
+            values = [f[key] for f in per_fold if key in f]
+            if len(values) == folds:
+                result.setdefault("mean", {})[key] = float(np.mean(values))
+                result.setdefault("sd", {})[key] = float(np.std(values, ddof=1))
+    out.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(out / CV_FILE, (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+def final_figures(summary: dict) -> dict:
+    """The validation figures of the kept epoch of a run's last stage (what the run hands on),
+    and its training minutes."""
+    last = summary["stages"][-1]
+    return {"stage": last["stage"], "best_epoch": last["best_epoch"], "minutes": summary.get("minutes"),
+            **{k: last[k] for k in FIGURES if k in last}}
+
+
+def ablation(cv_dirs: list[Path], out: Path) -> tuple[Path, Path]:
+    """cv directories -> out/ablation.md (mean +- sd per recipe) and out/ablation.png."""
+    rows = []
+    for d in cv_dirs:
+        path = Path(d) / CV_FILE
+        if not path.exists():
+            raise ConfigError(f"{d} has no {CV_FILE}: run `linejudge cv --config ... --out {d}` first")
+        result = json.loads(path.read_text())
+        if "mean" not in result:
+            raise ConfigError(f"{d}: only {len(result['per_fold'])} of {result['folds']} folds are done; "
+                              f"finish them with `linejudge cv` before comparing")
+        rows.append((Path(d).name, result))
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_table(rows, out / "ablation.md"), _plot(rows, out / "ablation.png")
+
+
+def _cell(result: dict, key: str) -> str:
+    if key not in result["mean"]:
+        return "-"
+    return f"{result['mean'][key]:.3f} +- {result['sd'][key]:.3f}"
+
+
+def _write_table(rows, path: Path) -> Path:
+    lines = ["| recipe | config | folds | ELPV binary (reward) | ELPV binary (level head) | pairwise |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['config']} ({r['config_hash']}) | {r['folds']} | "
+                     f"{_cell(r, FIGURES[0])} | {_cell(r, FIGURES[1])} | {_cell(r, FIGURES[2])} |")
+    path.write_text("\n".join(lines) + "\n\nmean +- standard deviation over the folds (val part of each fold).\n")
+    return path
+
+
+def _plot(rows, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.8))
+    for i, (name, r) in enumerate(rows):
+        values = [f[FIGURES[0]] for f in r["per_fold"]]
+        ax.scatter(np.asarray(values) * 100, [i] * len(values), color="grey", s=14, zorder=2)
+        ax.errorbar([r["mean"][FIGURES[0]] * 100], [i], xerr=[r["sd"][FIGURES[0]] * 100], fmt="o",
+                    color="tab:blue", capsize=4, zorder=3)
+    ax.axvline(88.42, color="crimson", linestyle=":", label="Deitsch et al. 2019 (88.42 %)")
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    ax.set_xlabel("ELPV binary accuracy, % (each fold grey, mean +- sd blue)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
