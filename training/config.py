@@ -70,6 +70,8 @@ class StageConfig:
                                       # (synthetic frames' type, cell, severity from the patches)
     level_loss: float = 0.0           # multimodal/distill: weight of the ELPV level cross-entropy
                                       # (the model's level heads; needs model level_weight > 0)
+    freeze_trunk: bool = False        # multimodal/distill: the EfficientNet blocks keep their weights and
+                                      # BatchNorm statistics (the classify stage's trunk, untouched by synthetic frames)
     max_steps_per_epoch: int | None = None
     select: str = "pairwise"          # which epoch is kept: best val pairwise accuracy, or
                                       # best val ELPV binary accuracy ("elpv_binary", image stages)
@@ -87,6 +89,10 @@ class StageConfig:
         _number(where, "temperature", self.temperature, 0.0, None, 1.0, above=True)
         _number(where, "distill_alpha", self.distill_alpha, 0.0, 1.0, 0.7)
         _flag(where, "shortcut_weighting", self.shortcut_weighting)
+        _flag(where, "freeze_trunk", self.freeze_trunk)
+        if self.freeze_trunk and self.name in ("text", "classify"):
+            raise ConfigError(f"stage {self.name}: freeze_trunk is for the multimodal, distill and fleet stages "
+                              f"(the classify stage is what trains the trunk); leave it out here")
         _number(where, "fact_loss", self.fact_loss, 0.0, None, 0.5)
         _number(where, "level_loss", self.level_loss, 0.0, None, 0.5)
         for key in ("fact_loss", "level_loss"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from models.errors import ConfigError
 from models.preprocess import PreprocessSpec, TextTokenizer, normalize
-from models.reward_model import RewardModel, bradley_terry_loss, minilm_dir, save_model
+from models.reward_model import EFFICIENTNET_BLOCKS, RewardModel, bradley_terry_loss, minilm_dir, save_model
 from training.config import SELECT_BY, StageConfig
 from training.data.batches import CandidateSet, iterate_batches
 from training.data.synthetic import FACT_CLASSES
@@ -218,6 +219,35 @@ def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, 
         _load_states(stage_dir / "checkpoint.pt", model, proxy, final=True)
         return json.loads(done.read_text())
     stage_dir.mkdir(parents=True, exist_ok=True)
+    trained = [m for m in (model, proxy) if m is not None]
+    with _trunk_frozen(trained, stage.freeze_trunk):
+        return _train_stage(stage, model, enc, train_sets, val_sets, stage_dir, seed, proxy, teacher, val_extra)
+
+
+@contextmanager
+def _trunk_frozen(models: list[RewardModel], frozen: bool):
+    """freeze_trunk: for this stage every EfficientNet block runs without gradient and with its
+    BatchNorm statistics as they are (ImageEncoder's own freezing, widened to all blocks)."""
+    if not frozen:
+        yield
+        return
+    encoders = [(m.image_encoder, m.image_encoder.frozen_blocks) for m in models]
+    for encoder, _ in encoders:
+        encoder.frozen_blocks = EFFICIENTNET_BLOCKS
+        for p in encoder.frozen_parameters():
+            p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for encoder, blocks in encoders:
+            encoder.frozen_blocks = blocks
+            for block in encoder.blocks[blocks:]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+
+
+def _train_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, val_sets, stage_dir: Path,
+                 seed: int, proxy, teacher, val_extra) -> dict:
     trained = [m for m in (model, proxy) if m is not None]
     for m in trained + ([teacher] if teacher is not None else []):
         m.image_encoder.to(memory_format=torch.channels_last)   # same maths, 1.5-1.7x faster convs on CPU

@@ -31,13 +31,14 @@ def test_each_cell_of_the_grid_is_the_verdicts_lead_lost_without_that_patch(runt
     frame = cell()
     judgement = runtime.judge(frame)
     heat = runtime.heat_map(frame, judgement.decision.ranking)
-    assert heat.shape == (5, 5) and np.isfinite(heat).all() and np.abs(heat).max() > 0
+    grid = runtime.spec.image_size // 32                          # the bundle's patch grid
+    assert heat.shape == (grid, grid) and np.isfinite(heat).all() and np.abs(heat).max() > 0
     # recomputed by hand for one cell: the patch replaced by the blank frame's patch
     verdict, runner_up = [t for t, _ in judgement.decision.ranking[:2]]
     patches = runtime.backend.image_features(frame_to_input(frame, runtime.spec))
     features = runtime.text_features([verdict, runner_up])
     occluded = patches.copy()
-    occluded[0, 7] = runtime.blank_patches[0, 7]
+    occluded[0, grid + 2] = runtime.blank_patches[0, grid + 2]     # row 1, column 2
     full, without = runtime.backend.rewards(patches, features)[0], runtime.backend.rewards(occluded, features)[0]
     assert heat[1, 2] == pytest.approx((full[0] - full[1]) - (without[0] - without[1]), abs=1e-4)
 
