@@ -107,8 +107,10 @@ keys/$(KEY_ID).key:
 # Blocks 0 and 1 stay fp32: with 7-bit INT8 weights there the top-1 agreement gate fails
 # (block 0 INT8: 0.98 < 0.99; blocks 0-1 fp32: 0.9935 on val).
 KEEP_FP32 := /blocks.0/ /blocks.1/
+# The shipped bundle's version: raise it with every new default bundle (appliances install only newer ones).
+BUNDLE_VERSION := 3
 default-bundle: $(STAMP) keys/$(KEY_ID).key
-	$(BIN)/linejudge export --checkpoint runs/full --out $(BUNDLE) --key keys/$(KEY_ID).key --key-id $(KEY_ID) --keep-fp32 $(KEEP_FP32)
+	$(BIN)/linejudge export --checkpoint runs/full --out $(BUNDLE) --version $(BUNDLE_VERSION) --key keys/$(KEY_ID).key --key-id $(KEY_ID) --keep-fp32 $(KEEP_FP32)
 	$(BIN)/linejudge bundle verify $(BUNDLE)
 	$(BIN)/linejudge eval --model $(BUNDLE) --split test --json reports/full/bundle_eval_test.json
 

@@ -44,11 +44,12 @@ WHAT_CHANGED = {   # experiment folder -> what it changed against the shipped re
     "full-synstage": "synthetic-only stage before multimodal",
     "full-trunklr": "trunk at a tenth of the learning rate",
     "full-minilm-eval": "the shipped recipe, teacher's frozen MiniLM without dropout (fix)",
+    "full-v2": "the v2 recipe (shipped until bundle v3): 160x160, no level head",
 }
 
 
 def load_rows() -> list[dict]:
-    rows = [_row("shipped (reports/full)", "the shipped student, 160x160", SHIPPED)]
+    rows = [_row("shipped (reports/full)", "the shipped student (v3): 224x224, classifier first, level head", SHIPPED)]
     for name, change in WHAT_CHANGED.items():
         rows.append(_row(name, change, HERE / name / "eval_val.json"))
     return rows

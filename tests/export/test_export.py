@@ -188,3 +188,17 @@ def test_joint_thresholds_catch_the_most_missed_defects_within_the_flag_budget()
     assert t["val_accuracy_unflagged_all_reasons"] == 1.0
     everything_flagged = joint_thresholds(confidence, chance, called, truth, np.ones(10, bool), 0.6)
     assert everything_flagged == {"p_defect": None}
+
+
+def test_the_int8_gate_refuses_a_lost_verdict_even_when_the_pairs_still_agree():
+    """The gate reads what the line sees: binary accuracy and the binary verdict, besides the pairs
+    and a floor on the exact catalog entry."""
+    from export.build_bundle import _gate_fails
+    good = {"pairwise_drop_points": -0.3, "binary_drop_points": -0.8, "binary_agreement": 0.985,
+            "top1_agreement": 0.974}
+    opts = ExportOptions()
+    assert not _gate_fails(good, opts)
+    assert _gate_fails({**good, "binary_drop_points": 0.8}, opts)            # INT8 calls more cells wrong
+    assert _gate_fails({**good, "binary_agreement": 0.97}, opts)             # 3 % of verdicts flip
+    assert _gate_fails({**good, "top1_agreement": 0.957}, opts)              # every block INT8 (v2's 0.957)
+    assert _gate_fails({**good, "pairwise_drop_points": 0.6}, opts)

@@ -89,7 +89,7 @@ def test_reviews_train_a_new_bundle_that_every_appliance_installs(fleet):
     report = retrain(load_config(FLEET_TINY), RetrainOptions(
         hq_state=fleet["state"], base_run=fleet["run"], out=fleet["tmp"] / "fleet-run", line=LINE,
         key=fleet["private"], key_id=fleet["key_id"], gate_points=100.0,   # tiny model: val noise
-        export_val_limit=24, calibration_frames=16, int8_gate_points=100.0, int8_gate_top1=0.0),
+        export_val_limit=24, calibration_frames=16, int8_gate=(("gate_points", 100.0), ("gate_binary", 0.0), ("gate_top1", 0.0))),
         export_with_settings)
     assert report["after"]["fleet_heldout_pairwise"] > report["before"]["fleet_heldout_pairwise"]
     assert report["published"]["version"] == 2 and report["published"]["parent_version"] == 1

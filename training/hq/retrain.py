@@ -70,8 +70,7 @@ class RetrainOptions:
     gate_points: float = 0.5
     export_val_limit: int | None = None
     calibration_frames: int = 320
-    int8_gate_points: float = 0.5
-    int8_gate_top1: float = 0.99
+    int8_gate: tuple[tuple[str, float], ...] = ()   # exporter gate overrides, e.g. (("gate_top1", 0.0),); () = its defaults
 
 
 # ------------------------------------------------------------------ 1. fleet data
@@ -318,7 +317,7 @@ def _export_and_publish(out: Path, opts: RetrainOptions, report: dict, export_bu
     settings = {"line": opts.line, "version": version, "key": opts.key, "key_id": opts.key_id,
                 "parent_version": parent, "feedback_ids": tuple(report["feedback_ids"]),
                 "val_limit": opts.export_val_limit, "calibration_frames": opts.calibration_frames,
-                "gate_points": opts.int8_gate_points, "gate_top1": opts.int8_gate_top1}
+                **dict(opts.int8_gate)}
     bundle_dir = out / "bundle" / f"{opts.line}-v{version}"
     export_bundle(out, bundle_dir, settings)
     published = publish_bundle(opts.hq_state, bundle_dir)

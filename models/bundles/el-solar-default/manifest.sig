@@ -1,4 +1,4 @@
 {
-  "key_id": "hq",
-  "signature": "haEZfCiTOq2+ZEZr4L4QljRPRwh8JqtlFGrQ8z7Nrh+qI0G1LlwC6+XT575tQy4eSTUy0+E4qYNOU130d5+dBw=="
+  "key_id": "hq-2026-12",
+  "signature": "LYrn56A5UGlAM7pcUrwWgmCSxAExBTDpYqMdwLUu6+SEw5vnQ4NI2Q6zpNPtsGbQUOHn0DeLF9cbOhP5F7mEDg=="
 }
