@@ -49,16 +49,21 @@ def read_cells() -> list[ElpvCell]:
     return cells
 
 
-def make_split(cells: list[ElpvCell], seed: int = SPLIT_SEED, test_fraction: float = 0.25,
-               val_fraction: float = 0.10) -> dict[str, list[str]]:
-    rng = np.random.default_rng(seed)
-    split = {"train": [], "val": [], "test": []}
+def _shuffled_strata(cells: list[ElpvCell], rng: np.random.Generator):
+    """Each defect level x cell type stratum's cell ids, in a fixed order, seeded-shuffled."""
     strata: dict[tuple, list[str]] = {}
     for cell in cells:
         strata.setdefault((cell.level, cell.cell_type), []).append(cell.id)
     for key in sorted(strata):
         ids = sorted(strata[key])
         rng.shuffle(ids)
+        yield ids
+
+
+def make_split(cells: list[ElpvCell], seed: int = SPLIT_SEED, test_fraction: float = 0.25,
+               val_fraction: float = 0.10) -> dict[str, list[str]]:
+    split = {"train": [], "val": [], "test": []}
+    for ids in _shuffled_strata(cells, np.random.default_rng(seed)):
         n_test = round(len(ids) * test_fraction)
         n_val = round(len(ids) * val_fraction)
         split["test"] += ids[:n_test]
@@ -80,17 +85,10 @@ def cv_split(fold: int, folds: int) -> dict[str, list[str]]:
     """Cross-validation over the train part (train + val, never test): the cells are dealt into
     `folds` folds stratified by defect level x cell type; fold `fold` is "val", the others "train"."""
     split = load_split()
-    ids = set(split["train"]) | set(split["val"])
-    strata: dict[tuple, list[str]] = {}
-    for cell in read_cells():
-        if cell.id in ids:
-            strata.setdefault((cell.level, cell.cell_type), []).append(cell.id)
-    rng = np.random.default_rng(SPLIT_SEED + folds)
+    pool = set(split["train"]) | set(split["val"])
     out = {"train": [], "val": []}
-    for key in sorted(strata):
-        members = sorted(strata[key])
-        rng.shuffle(members)
-        for i, cell_id in enumerate(members):
+    for ids in _shuffled_strata([c for c in read_cells() if c.id in pool], np.random.default_rng(SPLIT_SEED + folds)):
+        for i, cell_id in enumerate(ids):
             out["val" if i % folds == fold else "train"].append(cell_id)
     return {k: sorted(v) for k, v in out.items()}
 
