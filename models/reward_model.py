@@ -31,6 +31,10 @@ MINILM_HIDDEN = 384
 EFFICIENTNET_BLOCKS = 16          # MBConv blocks of EfficientNet-Lite0
 VOCAB_SIZE = 30522
 LEVELS = 4                        # ELPV defect levels 0, 1/3, 2/3, 1
+# The facts of a rendered (synthetic) defect the reward reads one slot each (fact_weight > 0):
+# defect type, 3x3 cell, severity; class 0 of each is "no defect". training/data/synthetic.py
+# renders and describes them (its FACT_CLASSES are these counts; a test holds them equal).
+FACT_SLOTS = (("type", 7), ("location", 10), ("severity", 4))
 
 
 class ModelLoadError(ModelError):
@@ -54,6 +58,7 @@ class ModelConfig:
     fusion_heads: int = 4
     dropout: float = 0.1
     level_weight: float = 0.0         # > 0: an image ELPV-level head folded into the reward (Scorer)
+    fact_weight: float = 0.0          # > 0: one slot per synthetic defect fact folded into the reward (Scorer)
 
     def __post_init__(self):
         if self.text_encoder not in ("small", "minilm"):
@@ -75,6 +80,12 @@ class ModelConfig:
         if isinstance(self.level_weight, bool) or not isinstance(self.level_weight, (int, float)) \
                 or not 0 <= self.level_weight <= 10:
             raise ValueError(f"level_weight must be a number from 0 (no level head) to 10, not {self.level_weight!r}")
+        if isinstance(self.fact_weight, bool) or not isinstance(self.fact_weight, (int, float)) \
+                or not 0 <= self.fact_weight <= 10:
+            raise ValueError(f"fact_weight must be a number from 0 (no fact slots) to 10, not {self.fact_weight!r}")
+        if self.fact_weight and self.summary_tokens < len(FACT_SLOTS):
+            raise ValueError(f"fact_weight needs summary_tokens >= {len(FACT_SLOTS)}: each fact slot reads "
+                             f"its own summary token (got summary_tokens {self.summary_tokens})")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -296,12 +307,22 @@ class Scorer(nn.Module):
     reward = MLP(text tokens after attending to the patches)   (grounded, local)
            + <g(mean patch), h(mean text)> / sqrt(d)          (global image-text match)
            + level_weight * sum_l q_l(text) log p_l(frame)    (with level_weight > 0)
+           + fact_weight * sum_s sum_v q_s(v|text) log p_s(v|frame)   (with fact_weight > 0)
 
     The last term folds an image classifier into the reward: p(level | frame) is an image
     head over the ELPV defect levels (0, 1/3, 2/3, 1) on mean- and max-pooled patches, q(level
     | text) which level an explanation states. Both are trained with cross-entropy (the levels
     of the ELPV cells and of the catalog entries), so the catalog verdict is as good as the
     image classifier, and one more candidate costs a dot product over four levels.
+
+    The fact slots do the same for the facts of a rendered defect (FACT_SLOTS: type, 3x3 cell,
+    severity). p_s(v | frame) is an image head over the whole patch grid (so it knows where);
+    q_s(v | text) reads summary token s, which cross-attends the text's token states, and has
+    one class more than the image head: "this text does not state fact s" (an ELPV catalog
+    entry says nothing of a 3x3 cell), whose mass adds nothing to the reward. A hard negative
+    that changes one fact then loses fact_weight * log p_s(true) / p_s(stated) exactly where
+    it lies, instead of through one pooled text vector that cannot keep "minor" from "severe".
+    Both heads are trained with cross-entropy on the facts each frame and text were made from.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -317,6 +338,12 @@ class Scorer(nn.Module):
         if self.level_weight:
             self.image_level = nn.Sequential(nn.LayerNorm(2 * d), nn.Dropout(cfg.dropout), nn.Linear(2 * d, LEVELS))
             self.text_level = nn.Linear(d, LEVELS)
+        self.fact_weight = float(cfg.fact_weight)
+        self.fact_classes = tuple(k for _, k in FACT_SLOTS)
+        if self.fact_weight:
+            self.image_facts = nn.Sequential(nn.Dropout(cfg.dropout),
+                                             nn.Linear(cfg.grid * cfg.grid * d, sum(self.fact_classes)))
+            self.text_facts = nn.ModuleList(nn.Linear(d, k + 1) for k in self.fact_classes)
 
     def image_level_logits(self, patches):
         """(..., P, d) -> (..., 4) logits of the frame's ELPV defect level."""
@@ -326,6 +353,22 @@ class Scorer(nn.Module):
         """(..., M, d) -> (..., 4) logits of the defect level an explanation states."""
         return self.text_level(texts.mean(-2))
 
+    def image_fact_logits(self, patches) -> tuple[torch.Tensor, ...]:
+        """(..., P, d) -> per fact slot (..., K_s) logits of the frame's defect fact."""
+        return self.image_facts(patches.flatten(-2)).split(self.fact_classes, -1)
+
+    def text_fact_logits(self, texts) -> list[torch.Tensor]:
+        """(..., M, d) -> per fact slot (..., K_s + 1) logits of the fact a text states; the last
+        class is "not stated"."""
+        return [head(texts[..., s, :]) for s, head in enumerate(self.text_facts)]
+
+    def _fact_term(self, patches, texts):
+        total = 0.0
+        for image, text in zip(self.image_fact_logits(patches), self.text_fact_logits(texts)):
+            stated = F.softmax(text, -1)[..., :-1]          # "not stated" adds nothing
+            total = total + (stated * F.log_softmax(image, -1)).sum(-1)
+        return self.fact_weight * total
+
     def _reward(self, patches, texts):
         """patches (..., P, d) x texts (..., M, d), leading dims broadcast -> rewards (...)."""
         match = (self.image_match(patches.mean(-2)) * self.text_match(texts.mean(-2))).sum(-1) * self.scale
@@ -334,9 +377,10 @@ class Scorer(nn.Module):
             log_p = F.log_softmax(self.image_level_logits(patches), -1)
             q = F.softmax(self.text_level_logits(texts), -1)
             level = self.level_weight * (q * log_p).sum(-1)
+        facts = self._fact_term(patches, texts) if self.fact_weight else 0.0
         for block in self.blocks:
             texts = block(texts, patches)
-        return self.head(texts.mean(-2)).squeeze(-1) + match + level
+        return self.head(texts.mean(-2)).squeeze(-1) + match + level + facts
 
     def forward(self, patches, texts):
         return self._reward(patches[:, None], texts[None])
@@ -352,6 +396,8 @@ class Outputs(NamedTuple):
     patches: torch.Tensor                      # (B, P, d)
     image_levels: torch.Tensor | None          # (B, 4)
     text_levels: torch.Tensor | None           # (B, C, 4)
+    image_facts: tuple | None = None           # per fact slot (B, K_s), without fact slots None
+    text_facts: list | None = None             # per fact slot (B, C, K_s + 1)
 
 
 class RewardModel(nn.Module):
@@ -372,9 +418,12 @@ class RewardModel(nn.Module):
         r = self.scorer.score_pairs(patches[:, None], texts)
         if not with_patches:
             return r
-        if not self.scorer.level_weight:
-            return Outputs(r, patches, None, None)
-        return Outputs(r, patches, self.scorer.image_level_logits(patches), self.scorer.text_level_logits(texts))
+        scorer = self.scorer
+        levels = (scorer.image_level_logits(patches), scorer.text_level_logits(texts)) if scorer.level_weight \
+            else (None, None)
+        facts = (scorer.image_fact_logits(patches), scorer.text_fact_logits(texts)) if scorer.fact_weight \
+            else (None, None)
+        return Outputs(r, patches, *levels, *facts)
 
     def parameter_count(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

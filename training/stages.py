@@ -72,13 +72,14 @@ class TrainBatch(NamedTuple):
     labels: np.ndarray | None   # (B, 3) synthetic type/location/severity classes, else None
     levels: np.ndarray | None = None        # (B,) ELPV defect level of each frame, else None
     text_levels: np.ndarray | None = None   # (B, C) the level each candidate states, else None
+    text_facts: np.ndarray | None = None    # (B, C, 3) the facts each candidate states (K_s: not stated)
 
 
 class FactHead(nn.Module):
-    """Training-only: reads a synthetic frame's defect type, 3x3 cell and severity off its
-    patch grid. Its loss teaches the image features the facts the hard negatives change (it
-    makes type learnable within a few epochs: reports/measurements.md); it is never saved
-    with the model."""
+    """Training-only, for a model without fact slots (fact_weight 0): reads a synthetic frame's
+    defect type, 3x3 cell and severity off its patch grid. Its loss teaches the image features
+    the facts the hard negatives change (it makes type learnable within a few epochs:
+    reports/measurements.md); it is never saved with the model."""
 
     def __init__(self, grid: int, d: int):
         super().__init__()
@@ -90,10 +91,25 @@ class FactHead(nn.Module):
         return sum(F.cross_entropy(lg, target[:, k]) for k, lg in enumerate(logits))
 
 
-def fact_term(head, patches, batch: TrainBatch, stage: StageConfig):
-    if head is None or batch.labels is None or not stage.fact_loss:
+def fact_term(head, out, batch: TrainBatch, stage: StageConfig):
+    """fact_loss x cross-entropy of the facts: with fact slots in the model, of its image heads
+    on the synthetic frames' facts and of its text heads on the facts each candidate states
+    ("not stated" for an ELPV catalog entry); without, of the training-only FactHead."""
+    if not stage.fact_loss:
         return 0.0
-    return stage.fact_loss * head(patches, batch.labels)
+    if out.image_facts is not None:
+        return stage.fact_loss * (_slot_loss(out.image_facts, batch.labels) + _slot_loss(out.text_facts, batch.text_facts))
+    if head is None or batch.labels is None:
+        return 0.0
+    return stage.fact_loss * head(out.patches, batch.labels)
+
+
+def _slot_loss(logits, labels: np.ndarray | None):
+    """Summed over the fact slots: cross-entropy of (..., K) logits against (..., slots) classes."""
+    if labels is None:
+        return 0.0
+    target = torch.from_numpy(labels)
+    return sum(F.cross_entropy(lg.flatten(0, -2), target[..., k].flatten()) for k, lg in enumerate(logits))
 
 
 def level_term(out, batch: TrainBatch, weight: float):
@@ -141,7 +157,7 @@ def multimodal_step(model, proxy, teacher, head, enc, stage: StageConfig, batch:
     frames, texts, c = batch[:3]
     out = rewards(model, enc, frames, texts, c, with_patches=True)
     r_m, loss_m = out.rewards, pair_losses(out.rewards)
-    facts = fact_term(head, out.patches, batch, stage) + level_term(out, batch, stage.level_loss)
+    facts = fact_term(head, out, batch, stage) + level_term(out, batch, stage.level_loss)
     if not stage.shortcut_weighting or proxy is None:
         return loss_m.mean() + stage.centring * centring(r_m) + facts
     r_t = rewards(proxy, enc, frames, texts, c, blank=True)
@@ -164,7 +180,7 @@ def distill_step(student, proxy, teacher, head, enc, stage: StageConfig, batch: 
     scale = F.mse_loss(r_s - r_s.mean(-1, keepdim=True), r_t - r_t.mean(-1, keepdim=True))
     true_pairs = pair_losses(r_s).mean()
     return (stage.distill_alpha * (kl + 0.1 * scale) + (1 - stage.distill_alpha) * true_pairs
-            + stage.centring * centring(r_s) + fact_term(head, out.patches, batch, stage)
+            + stage.centring * centring(r_s) + fact_term(head, out, batch, stage)
             + level_term(out, batch, stage.level_loss))
 
 
@@ -199,7 +215,8 @@ def _mixed_batches(sets, batch_size, rng, max_steps):
         batch = next(iterators[k], None)
         if batch is not None:
             frames, texts, c, idx = batch
-            yield TrainBatch(frames, texts, c, sets[k].fact_labels(idx), *sets[k].level_labels(idx))
+            yield TrainBatch(frames, texts, c, sets[k].fact_labels(idx), *sets[k].level_labels(idx),
+                             sets[k].text_fact_labels(idx, c))
 
 
 def run_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_sets, val_sets,
@@ -251,7 +268,8 @@ def _train_stage(stage: StageConfig, model: RewardModel, enc: Encoder, train_set
     trained = [m for m in (model, proxy) if m is not None]
     for m in trained + ([teacher] if teacher is not None else []):
         m.image_encoder.to(memory_format=torch.channels_last)   # same maths, 1.5-1.7x faster convs on CPU
-    head = FactHead(model.config.grid, model.config.d_model) if stage.fact_loss else None
+    head = FactHead(model.config.grid, model.config.d_model) if stage.fact_loss and not model.config.fact_weight \
+        else None
     optimized = trained + ([head] if head is not None else [])
     params = [p for m in optimized for p in m.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)

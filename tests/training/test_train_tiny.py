@@ -22,8 +22,10 @@ def test_every_stage_trains_every_parameter_and_lowers_the_loss(tiny_run):
             assert trained == [] and any("fusion" in n or "blocks" in n for n in unchanged), unchanged
         else:
             assert unchanged == [], stage["stage"]
-        first, last = stage["history"][0]["loss_first"], stage["history"][-1]["loss_last"]
-        assert last < first, f"{stage['stage']}: loss {first:.4f} -> {last:.4f}"
+        # epoch means, not the first and last fifth of the steps: in the tiny recipe a fifth is one
+        # step, and one step's loss (an ELPV or a synthetic batch) decided it by the CPU's rounding
+        first, last = stage["history"][0]["loss"], stage["history"][-1]["loss"]
+        assert last < 0.95 * first, f"{stage['stage']}: epoch mean loss {first:.4f} -> {last:.4f}"
     for rel in ("text/model", "multimodal/model", "multimodal/proxy", "distill/model"):
         assert (out / rel / "model.safetensors").exists()
 
@@ -94,15 +96,74 @@ def test_eval_writes_json_with_flat_keys_and_report(tiny_run, tmp_path):
     assert "synthetic_pairwise_accuracy_presence" in by_fact and all(0 <= v <= 1 for v in by_fact.values())
 
 
-def test_fact_head_trains_but_never_ships_with_the_model(tiny_run):
+def test_fact_slots_train_and_ship_with_the_model(tiny_run):
+    """tiny.yaml has fact slots (fact_weight > 0): their heads are part of the saved model (and
+    so of scorer.onnx), and no training-only fact head is made beside them."""
     import torch
     from safetensors.torch import load_file
     out, _ = tiny_run
     for stage in ("multimodal", "distill"):
         state = torch.load(out / stage / "checkpoint.pt", weights_only=False)
-        assert state["fact_head"] is not None, f"{stage}: the fact head is not checkpointed for resume"
+        assert state["fact_head"] is None, f"{stage}: a training-only fact head beside the model's fact slots"
         saved = load_file(str(out / stage / "model" / "model.safetensors"))
-        assert not any("fact" in key for key in saved), f"{stage}: a training-only head reached the model"
+        assert any(k.startswith("scorer.image_facts.") for k in saved), stage
+        assert any(k.startswith("scorer.text_facts.") for k in saved), stage
+
+
+def test_fact_head_trains_but_never_ships_with_a_model_without_fact_slots(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from tests.training.micro import MICRO_MODELS
+    config = tmp_path / "facthead.yaml"
+    config.write_text("seed: 0\nthreads: 2\n" + MICRO_MODELS.replace("}", ", level_weight: 1.0}") +
+                      "data: {elpv_train_limit: 8, elpv_val_limit: 4, synthetic_train: 8, synthetic_val: 4, "
+                      "text_pairs: 16}\nstages:\n"
+                      "  - {name: multimodal, epochs: 1, batch_size: 8, fact_loss: 0.5, level_loss: 0.5}\n")
+    train(load_config(config), tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "multimodal" / "checkpoint.pt", weights_only=False)
+    assert state["fact_head"] is not None, "the fact head is not checkpointed for resume"
+    saved = load_file(str(tmp_path / "run" / "multimodal" / "model" / "model.safetensors"))
+    assert not any("fact" in key for key in saved), "a training-only head reached the model"
+
+
+def test_fact_slot_adds_the_log_probability_of_each_stated_fact():
+    """reward = ... + fact_weight * sum_s sum_v q_s(v|text) log p_s(v|frame): with the other terms
+    zeroed and text heads that state type 2, cell 5 and "severity not stated", the reward is
+    fact_weight * (log p_type(2) + log p_cell(5)); and the fact loss reaches both towers."""
+    import numpy as np
+    import torch
+    from models.reward_model import FACT_SLOTS, ModelConfig, RewardModel
+    from training.config import StageConfig
+    from training.data.synthetic import FACT_CLASSES
+    from training.stages import TrainBatch, fact_term
+    assert FACT_CLASSES == tuple(k for _, k in FACT_SLOTS)
+    cfg = ModelConfig(image_size=64, d_model=32, text_heads=2, fusion_heads=2, summary_tokens=3,
+                      max_tokens=16, pretrained_image=False, frozen_blocks=12, fact_weight=1.5)
+    model = RewardModel(cfg).eval()
+    scorer = model.scorer
+    stated = (2, 5, FACT_CLASSES[2])          # the last class of a text head: not stated
+    with torch.no_grad():
+        for p in (*scorer.head[-1].parameters(), *scorer.image_match.parameters()):
+            p.zero_()
+        for head, value in zip(scorer.text_facts, stated):
+            head.weight.zero_()
+            head.bias.fill_(0.0)
+            head.bias[value] = 50.0
+    images = torch.randn(2, 1, 64, 64)
+    ids, mask = torch.randint(1000, 2000, (6, 16)), torch.ones(6, 16, dtype=torch.long)
+    out = model(images, ids, mask, 3, with_patches=True)
+    log_p = [torch.log_softmax(lg, -1) for lg in out.image_facts]
+    expected = 1.5 * (log_p[0][:, 2] + log_p[1][:, 5])[:, None].expand(2, 3)
+    assert torch.allclose(out.rewards, expected, atol=1e-4)
+    for head in scorer.text_facts:
+        torch.nn.init.normal_(head.weight)       # let the text side's gradient through again
+    model.train()
+    text_facts = np.array([[[1, 2, 3], [0, 0, 0], [7, 10, 4]]] * 2)   # truth, no defect, an ELPV text
+    batch = TrainBatch(None, [], 3, np.array([[1, 2, 3], [0, 0, 0]]), text_facts=text_facts)
+    fact_term(None, model(images, ids, mask, 3, with_patches=True), batch,
+              StageConfig(name="multimodal", fact_loss=1.0)).backward()
+    assert model.image_encoder.project.weight.grad.abs().sum() > 0     # the image side learns the facts
+    assert model.text_encoder.pool.queries.grad.abs().sum() > 0          # and the text side what it states
 
 
 def test_fact_loss_reaches_the_image_features_only():
@@ -115,7 +176,7 @@ def test_fact_loss_reaches_the_image_features_only():
     model = RewardModel(cfg).eval()
     images = torch.randn(2, 1, 64, 64)
     ids, mask = torch.randint(1000, 2000, (6, 16)), torch.ones(6, 16, dtype=torch.long)
-    r, patches, image_levels, _ = model(images, ids, mask, 3, with_patches=True)
+    r, patches, image_levels = model(images, ids, mask, 3, with_patches=True)[:3]
     assert torch.equal(r, model(images, ids, mask, 3)) and patches.shape == (2, cfg.grid ** 2, 32)
     assert image_levels is None, "a model without level_weight has no level head"
     FactHead(cfg.grid, cfg.d_model)(patches, np.array([[0, 0, 0], [3, 5, 2]])).backward()

@@ -52,6 +52,11 @@ class CandidateSet:
         """((B,) frame levels, (B, C) levels the candidates state) where known, else (None, None)."""
         return None, None
 
+    def text_fact_labels(self, idx: np.ndarray, c: int) -> np.ndarray | None:
+        """(B, C, 3) type/location/severity classes each candidate states (K_s: it states none
+        of that fact), where known, else None."""
+        return None
+
 
 @dataclass
 class ElpvSet(CandidateSet):
@@ -71,6 +76,10 @@ class ElpvSet(CandidateSet):
         stated = [[entry_levels[j] for j in self.order(int(i))] for i in idx]
         return np.asarray(self.levels)[idx].astype(np.int64), np.array(stated, np.int64)
 
+    def text_fact_labels(self, idx, c):
+        """A catalog entry of ELPV states no fact of a rendered defect."""
+        return np.broadcast_to(np.array(synthetic.FACT_CLASSES, np.int64), (len(idx), c, 3)).copy()
+
     def texts(self, i, rng, heldout=False, display=False):
         """The right entry first, then every other entry, one phrasing each."""
         out = []
@@ -89,6 +98,11 @@ class SyntheticSet(CandidateSet):
 
     def fact_labels(self, idx):
         return np.array([synthetic.fact_labels(self.facts[i]) for i in idx], np.int64)
+
+    def text_fact_labels(self, idx, c):
+        """The truth's facts first, then each hard negative's (the order of texts())."""
+        return np.array([[synthetic.fact_labels(f) for f in [self.facts[i], *self.negatives[i]]] for i in idx],
+                        np.int64)
 
     def texts(self, i, rng, heldout=False, display=False):
         truth = synthetic.describe(self.facts[i], rng, heldout=heldout)
