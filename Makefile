@@ -97,10 +97,13 @@ eval-full: $(STAMP)
 # The HQ signing key. Its private half never enters git (keys/ is ignored): keep a backup of
 # keys/$(KEY_ID).key. The public halves in models/keys/ are what appliances trust; a key that
 # is lost is rotated (a new KEY_ID), and the old public key stays there so bundles it signed
-# still verify. hq.pub signed bundles v1-v2 (its private half was lost with its checkout);
-# hq-2026-12 signs from v3 on.
-KEY_ID := hq-2026-12
+# still verify. hq.pub signed bundles v1-v2, hq-2026-12 bundle v3 (each private half was lost
+# with its checkout); hq-2026-12-07 signs from v4 on. A key id whose public half is already
+# trusted is never minted again: that would make appliances distrust every bundle it signed.
+KEY_ID := hq-2026-12-07
 keys/$(KEY_ID).key:
+	@if [ -e models/keys/$(KEY_ID).pub ]; then \
+	  echo "keys/$(KEY_ID).key is missing, but models/keys/$(KEY_ID).pub is trusted: restore the private key from HQ's backup into keys/, or rotate: make $(MAKECMDGOALS) KEY_ID=hq-$$(date +%Y-%m-%d)" >&2; exit 1; fi
 	$(BIN)/linejudge bundle keygen --out keys --key-id $(KEY_ID)
 	mkdir -p models/keys && cp keys/$(KEY_ID).pub models/keys/$(KEY_ID).pub
 
