@@ -86,9 +86,7 @@ class FactHead(nn.Module):
         self.linear = nn.Linear(grid * grid * d, sum(FACT_CLASSES))
 
     def forward(self, patches: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
-        logits = self.linear(patches.flatten(1)).split(FACT_CLASSES, dim=-1)
-        target = torch.from_numpy(labels)
-        return sum(F.cross_entropy(lg, target[:, k]) for k, lg in enumerate(logits))
+        return _slot_loss(self.linear(patches.flatten(1)).split(FACT_CLASSES, dim=-1), labels)
 
 
 def fact_term(head, out, batch: TrainBatch, stage: StageConfig):
@@ -98,7 +96,8 @@ def fact_term(head, out, batch: TrainBatch, stage: StageConfig):
     if not stage.fact_loss:
         return 0.0
     if out.image_facts is not None:
-        return stage.fact_loss * (_slot_loss(out.image_facts, batch.labels) + _slot_loss(out.text_facts, batch.text_facts))
+        return stage.fact_loss * (_slot_loss(out.image_facts, batch.labels)
+                                  + _slot_loss(out.text_facts, batch.text_facts))
     if head is None or batch.labels is None:
         return 0.0
     return stage.fact_loss * head(out.patches, batch.labels)
