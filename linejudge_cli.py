@@ -26,7 +26,7 @@ def cmd_demo(args) -> int:
     from appliance.server import serve
     cfg = config_from_dict({"state_dir": args.state_dir, "port": args.port, "host": args.host,
                             "source": args.source, "max_fps": args.max_fps,
-                            "operator_pins": {"operator": "1234"}}, "demo")
+                            "views": "upright2", "operator_pins": {"operator": "1234"}}, "demo")
     print(f"linejudge demo: open http://{cfg.host}:{cfg.port}  (Review tab: operator / PIN 1234)\n"
           f"state: {cfg.db_path}", flush=True)
     return serve(cfg)

@@ -36,7 +36,9 @@ class ApplianceConfig:
     allow_provider_fallback: bool = False
     on_golden_failure: str = "fp32"         # INT8 graphs fail the golden check: "fp32" graphs (if they pass) or "refuse"
     threads: int | None = None              # encoder threads; None = all cores but one (see scoring_threads)
-    views: str = "one"                      # "rot4": rewards averaged over the frame's four quarter turns
+    views: str = "one"                      # "upright": a solar cell turned so its busbars run across;
+                                            # "upright2": rewards of that and its half turn averaged;
+                                            # "rot4": rewards averaged over the frame's four quarter turns
     thresholds: dict = field(default_factory=dict)   # overrides of the manifest's defaults
     host: str = "127.0.0.1"
     port: int = 7860
@@ -61,9 +63,9 @@ class ApplianceConfig:
         if self.backend not in ("onnxruntime", "tensorrt"):
             raise ConfigError(f"backend must be onnxruntime or tensorrt, not {self.backend!r}")
         if self.views not in VIEWS:
-            raise ConfigError(f"views must be {' or '.join(VIEWS)}, not {self.views!r}: rot4 judges each frame "
-                              "as the mean of its four quarter turns (the same verdict however the camera is "
-                              "turned, about 4x the image cost)")
+            raise ConfigError(f"views must be {', '.join(VIEWS)}, not {self.views!r}: upright turns a solar cell so "
+                              "its busbars run across (a camera mounted a quarter turn off), upright2 averages that "
+                              "and its half turn (2x the image cost), rot4 the four quarter turns (4x)")
         if self.on_golden_failure not in GOLDEN_POLICIES:
             raise ConfigError(f"on_golden_failure must be {' or '.join(GOLDEN_POLICIES)}, not "
                               f"{self.on_golden_failure!r}: fp32 inspects with the bundle's fp32 graphs when "

@@ -15,7 +15,7 @@ from models.catalog import load_catalog, merge_candidates
 from appliance.decide import Decision, Thresholds, decide
 from models.errors import ModelError
 from models.preprocess import (VIEWS, PreprocessSpec, TextTokenizer, blank_input, frame_problem, frame_to_input,
-                                 normalize, resize_gray)
+                                 normalize, resize_gray, turn_upright, upright_quarter_turns)
 from appliance.scoring import open_backend
 from models.platform import cpu_flags, int8_kernel_path
 
@@ -129,10 +129,9 @@ class ModelRuntime:
                 for fact, value in verdict.items()]
 
     def _view_averaged(self, gray: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The frame's patches (first view: the frame as it is) and its rewards averaged over
+        """The frame's patches (first view: the frame as it is, or turned upright) and its rewards averaged over
         self.views, all views in one image-encoder batch."""
-        batch = normalize(gray, self.spec) if len(self.views) == 1 else \
-            np.concatenate([normalize(np.ascontiguousarray(view(gray)), self.spec) for view in self.views])
+        batch = np.concatenate([normalize(np.ascontiguousarray(view(gray)), self.spec) for view in self.views])
         patches = self.backend.image_features(batch)
         return patches[:1], self.backend.rewards(patches, features).mean(axis=0)
 
@@ -143,7 +142,9 @@ class ModelRuntime:
         call of g*g + 1 rows; None where the patches are not a square grid or the backend refuses
         the batch (a TensorRT profile sized for one frame)."""
         texts = [t for t, _ in ranking[:2]]
-        patches = self.backend.image_features(frame_to_input(frame, self.spec))
+        gray = resize_gray(frame, self.spec.image_size)
+        turns = upright_quarter_turns(gray) if self.views[0] is turn_upright else 0   # the first view
+        patches = self.backend.image_features(normalize(np.ascontiguousarray(np.rot90(gray, turns)), self.spec))
         cells = patches.shape[1]
         grid = int(round(cells ** 0.5))
         if grid * grid != cells:
@@ -155,7 +156,7 @@ class ModelRuntime:
         except Exception:                 # the screen goes on without a heat map
             return None
         lead = rewards[:, 0] - (rewards[:, 1] if rewards.shape[1] > 1 else 0.0)
-        return (lead[0] - lead[1:]).reshape(grid, grid)
+        return np.rot90((lead[0] - lead[1:]).reshape(grid, grid), -turns)    # over the frame as shown
 
     def _blank_rewards_for(self, texts: list[str], features: np.ndarray) -> np.ndarray:
         """The rewards of these candidates on a blank frame (the image-reliance check): the same

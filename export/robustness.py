@@ -3,7 +3,8 @@ them, and explanations worded by someone who never saw the catalog (issue 18, pa
 
 All three run the bundle's graphs through a ScoringBackend, as `evaluate_bundle` does:
 
-* camera variations: each ELPV frame turned a quarter, half and three-quarter turn, brighter,
+* camera variations: each ELPV frame turned a quarter, half and three-quarter turn (also as a
+  station with `views: upright` sees them: turned back so the busbars run across), brighter,
   darker, out of focus, JPEG-compressed; how often the verdict (the top catalog entry, and
   whether it names a defect) stays the one of the unchanged frame, and the binary accuracy;
 * no part in view: all-black, all-white, flat grey and noise frames through the appliance's own
@@ -22,7 +23,7 @@ import numpy as np
 import yaml
 
 from appliance import decide
-from models.preprocess import frame_problem
+from models.preprocess import frame_problem, turn_upright
 from export import verify
 from export.decide_stats import catalog_defective
 from training.metrics import elpv_metrics
@@ -47,7 +48,13 @@ CAMERA_VARIATIONS = {
     "darker": lambda g: _gain(g, 0.7),
     "out_of_focus": lambda g: cv2.GaussianBlur(g, (0, 0), 1.5),
     "jpeg_q40": _jpeg,
+    # the same turns on a station with `views: upright` (the frame turned so the busbars run across)
+    "quarter_turn_upright": lambda g: turn_upright(np.rot90(g, 1)),
+    "half_turn_upright": lambda g: turn_upright(np.rot90(g, 2)),
+    "three_quarter_turn_upright": lambda g: turn_upright(np.rot90(g, 3)),
 }
+# `views: upright2` averages each frame's upright view and its half turn: every quarter turn then
+# gets the very same rewards (tests/models/test_upright.py), so it has no variations to measure.
 
 
 def no_part_frames(size: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -45,5 +45,5 @@ def test_one_view_is_the_plain_judgement_and_rot4_its_four_view_mean():
 
 
 def test_an_unknown_view_set_is_refused():
-    with pytest.raises(ConfigError, match="views must be one or rot4"):
+    with pytest.raises(ConfigError, match="views must be one, upright, upright2, rot4"):
         config_from_dict({"views": "rot8"})

@@ -119,8 +119,12 @@ def test_bundle_eval_reports_camera_variations_no_part_frames_and_outside_phrasi
 def test_quarter_turns_and_exposure_change_the_frame_not_its_shape():
     import numpy as np
     from export.robustness import CAMERA_VARIATIONS
+    from models.preprocess import turn_upright
     frame = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)
     for name, change in CAMERA_VARIATIONS.items():
         changed = change(frame)
         assert changed.shape == frame.shape and changed.dtype == np.uint8, name
-        assert not np.array_equal(changed, frame), f"{name} left the frame as it was"
+        if name.endswith("_upright"):         # turned back: the frame as it was, or its half turn
+            assert any(np.array_equal(changed, np.rot90(turn_upright(frame), k)) for k in (0, 2)), name
+        else:
+            assert not np.array_equal(changed, frame), f"{name} left the frame as it was"
