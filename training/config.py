@@ -29,10 +29,12 @@ class DataConfig:
     synthetic_negatives: int = 3          # hard negatives per training frame (<= 16); val keeps 3
     text_pairs: int = 2000
     quarter_turns: bool = False           # ELPV training frames also turned by random quarter turns
+    camera_changes: bool = False          # ELPV training frames also exposed, blurred or JPEG-compressed at random
 
     def __post_init__(self):
         _flag("data", "use_elpv", self.use_elpv)
         _flag("data", "quarter_turns", self.quarter_turns)
+        _flag("data", "camera_changes", self.camera_changes)
         _whole("data", "elpv_train_limit", self.elpv_train_limit, 1, 400,
                none="for the whole train part; use_elpv: false trains without ELPV")
         _whole("data", "elpv_val_limit", self.elpv_val_limit, 1, 120, none="for the whole val part")

@@ -62,6 +62,7 @@ def build_data(cfg: TrainConfig, size: int, fold: tuple[int, int] | None = None)
     if d.use_elpv:
         train.append(elpv_set("train", size, d.elpv_train_limit, d.elpv_types, cfg.seed, fold))
         train[-1].quarter_turns = d.quarter_turns
+        train[-1].camera_changes = d.camera_changes
         val.append(elpv_set("val", size, d.elpv_val_limit, d.elpv_types, cfg.seed, fold))
     backgrounds = elpv.defect_free_backgrounds(size, fold=fold) if d.synthetic_on_elpv_fraction > 0 else None
     if d.synthetic_train:

@@ -96,7 +96,7 @@ def test_reviews_train_a_new_bundle_that_every_appliance_installs(fleet):
         shutil.copytree(FINISHED_RETRAIN[0], out, ignore=shutil.ignore_patterns("bundle"))   # reviews
     report = retrain(load_config(FLEET_TINY), RetrainOptions(
         hq_state=fleet["state"], base_run=fleet["run"], out=out, line=LINE,
-        key=fleet["private"], key_id=fleet["key_id"], gate_points=100.0,   # tiny model: val noise
+        key=fleet["private"], key_id=fleet["key_id"], gate_points=100.0, fleet_repeat=3,   # tiny model: val noise
         export_val_limit=24, calibration_frames=16, int8_gate=(("gate_points", 100.0), ("gate_binary", 0.0), ("gate_top1", 0.0))),
         export_with_settings)
     FINISHED_RETRAIN[:] = [out]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from models.catalog import Catalog, load_catalog, CATALOG_DIR
@@ -37,6 +38,7 @@ class CandidateSet:
     ids: list[str]
     flippable = True                # synthetic frames are not: a flip moves the defect
     quarter_turns = False           # also turn by a random multiple of 90 degrees (data.quarter_turns)
+    camera_changes = False          # also one random change a camera makes (data.camera_changes)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -132,16 +134,36 @@ def synthetic_set(name: str, n: int, size: int, seed: int, on_elpv_fraction: flo
     return SyntheticSet(name, images, [f"{name}-{i}" for i in range(n)], facts=facts, negatives=changed)
 
 
-def augment(gray: np.ndarray, rng: np.random.Generator, flips: bool, quarter_turns: bool = False) -> np.ndarray:
-    """Flips (and, if asked, quarter turns) and a mild brightness/contrast jitter (uint8 in, uint8 out)."""
+def augment(gray: np.ndarray, rng: np.random.Generator, flips: bool, quarter_turns: bool = False,
+            camera_changes: bool = False) -> np.ndarray:
+    """Flips (and, if asked, quarter turns and a camera change) and a mild brightness/contrast
+    jitter (uint8 in, uint8 out)."""
     if flips and quarter_turns:
         gray = np.rot90(gray, int(rng.integers(4)))
     if flips and rng.random() < 0.5:
         gray = gray[:, ::-1]
     if flips and rng.random() < 0.5:
         gray = gray[::-1, :]
+    if camera_changes:
+        gray = camera_change(np.ascontiguousarray(gray), rng)
     gain, bias = rng.uniform(0.85, 1.15), rng.uniform(-12, 12)
     return np.clip(gray.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
+
+
+def camera_change(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One change a camera makes to the frame, drawn at random, or none (a quarter of the time):
+    exposure x0.7-1.3, out of focus (Gaussian blur, sigma 0.5-1.8 px) or JPEG at quality 25-90.
+    The eval's camera variations (x0.7, x1.3, sigma 1.5, quality 40; export/robustness.py) lie
+    inside these ranges: their figure measures indifference to kinds of change seen in training."""
+    kind = int(rng.integers(4))
+    if kind == 0:
+        return np.clip(gray.astype(np.float32) * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8)
+    if kind == 1:
+        return cv2.GaussianBlur(gray, (0, 0), rng.uniform(0.5, 1.8))
+    if kind == 2:
+        _, data = cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(25, 91))])
+        return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    return gray
 
 
 def iterate_batches(data: CandidateSet, batch_size: int, rng: np.random.Generator,
@@ -153,7 +175,7 @@ def iterate_batches(data: CandidateSet, batch_size: int, rng: np.random.Generato
         order = rng.permutation(order)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        frames = np.stack([augment(data.images[i], rng, data.flippable, data.quarter_turns) if train
+        frames = np.stack([augment(data.images[i], rng, data.flippable, data.quarter_turns, data.camera_changes) if train
                            else data.images[i] for i in idx])
         sets = [data.texts(int(i), rng, heldout=heldout, display=display) for i in idx]
         yield frames, [t for s in sets for t in s], len(sets[0]), idx
