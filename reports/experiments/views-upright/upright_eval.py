@@ -7,6 +7,7 @@ set turn_upright would turn, and its cost per frame.
 
     .venv/bin/python reports/experiments/views-upright/upright_eval.py val   # -> val.json
     .venv/bin/python reports/experiments/views-upright/upright_eval.py plot  # -> escapes.png
+    .venv/bin/python reports/experiments/views-upright/upright_eval.py val BUNDLE OUT_DIR   # another bundle
 """
 import json
 import sys
@@ -29,11 +30,11 @@ from training.metrics import elpv_metrics, eval_sets            # noqa: E402
 BUNDLE = ROOT / "models" / "bundles" / "el-solar-default"
 
 
-def main(split: str) -> dict:
-    manifest = json.loads((BUNDLE / "manifest.json").read_text())
+def main(split: str, bundle: Path = BUNDLE) -> dict:
+    manifest = json.loads((bundle / "manifest.json").read_text())
     spec = PreprocessSpec.from_dict(manifest["preprocessing"])
-    tokenizer, catalog = TextTokenizer(BUNDLE / "tokenizer.json", spec.max_tokens), load_catalog(BUNDLE / "catalog.yaml")
-    backend = OnnxBackend(BUNDLE, int8=True)
+    tokenizer, catalog = TextTokenizer(bundle / "tokenizer.json", spec.max_tokens), load_catalog(bundle / "catalog.yaml")
+    backend = OnnxBackend(bundle, int8=True)
     data, _ = eval_sets(split, spec.image_size)
     defective = catalog_defective(catalog)
 
@@ -110,6 +111,7 @@ if __name__ == "__main__":
         print(plot(Path(__file__).parent))
         sys.exit()
     split = sys.argv[1] if len(sys.argv) > 1 else "val"
-    result = main(split)
-    (Path(__file__).parent / f"{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    bundle, out = (Path(sys.argv[2]), Path(sys.argv[3])) if len(sys.argv) > 3 else (BUNDLE, Path(__file__).parent)
+    result = main(split, bundle)
+    (out / f"{split}.json").write_text(json.dumps(result, indent=2) + "\n")
     print({k: v for k, v in result.items() if k != "turns"})
