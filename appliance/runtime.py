@@ -129,8 +129,8 @@ class ModelRuntime:
                 for fact, value in verdict.items()]
 
     def _view_averaged(self, gray: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The frame's patches (first view: the frame as it is, or turned upright) and its rewards averaged over
-        self.views, all views in one image-encoder batch."""
+        """The frame's patches (first view: the frame as it is, or turned upright) and its rewards
+        averaged over self.views, all views in one image-encoder batch."""
         batch = np.concatenate([normalize(np.ascontiguousarray(view(gray)), self.spec) for view in self.views])
         patches = self.backend.image_features(batch)
         return patches[:1], self.backend.rewards(patches, features).mean(axis=0)

@@ -30,7 +30,8 @@ def test_off_leaves_the_frames_and_the_random_stream_as_they_were():
     for seed in range(5):
         before = np.random.default_rng(seed)
         after = np.random.default_rng(seed)
-        assert np.array_equal(augment(frame, before, flips=True), augment(frame, after, flips=True, camera_changes=False))
+        assert np.array_equal(augment(frame, before, flips=True),
+                              augment(frame, after, flips=True, camera_changes=False))
         assert before.random() == after.random()
     on = [augment(frame, np.random.default_rng(s), flips=True, camera_changes=True) for s in range(10)]
     off = [augment(frame, np.random.default_rng(s), flips=True) for s in range(10)]

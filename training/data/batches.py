@@ -175,7 +175,7 @@ def iterate_batches(data: CandidateSet, batch_size: int, rng: np.random.Generato
         order = rng.permutation(order)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        frames = np.stack([augment(data.images[i], rng, data.flippable, data.quarter_turns, data.camera_changes) if train
-                           else data.images[i] for i in idx])
+        frames = np.stack([augment(data.images[i], rng, data.flippable, data.quarter_turns, data.camera_changes)
+                           if train else data.images[i] for i in idx])
         sets = [data.texts(int(i), rng, heldout=heldout, display=display) for i in idx]
         yield frames, [t for s in sets for t in s], len(sets[0]), idx
