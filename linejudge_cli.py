@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("both", "int8", "fp32"),
                    help="bundles only: which graphs to evaluate (default both: INT8 as the flat keys, "
                         "fp32 as fp32_* twins, with the INT8 drop and int8_vs_fp32 agreement)")
+    p.add_argument("--views", help="bundles only: judge each ELPV frame as an appliance with this `views` "
+                                   "setting: one (default), upright, upright2 (the station's example config) "
+                                   "or rot4")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="trained run -> signed bundle (ONNX fp32 + INT8, optional TensorRT)")

@@ -12,10 +12,10 @@ MAX_FLAG_RATE = 0.30
 MAX_FLAG_RATE_WITH_DEFECTS = 0.40   # "possible defect" flags may add up to 10 points of reviews
 
 
-def catalog_outputs(backend, tokenizer, spec, images: np.ndarray, catalog):
+def catalog_outputs(backend, tokenizer, spec, images: np.ndarray, catalog, views: str = "one"):
     """What decide() reads for each frame against the whole catalog: patches (N,P,d),
-    rewards (N,K), and the blank frame's rewards (K,)."""
-    patches, rewards = verify.backend_outputs(backend, tokenizer, spec, images, catalog.displays)
+    rewards (N,K) averaged over `views` as on the appliance, and the blank frame's rewards (K,)."""
+    patches, rewards = verify.backend_outputs(backend, tokenizer, spec, images, catalog.displays, views=views)
     blank = np.full((1, spec.image_size, spec.image_size), 128, np.uint8)   # as models.preprocess.blank_input
     return patches, rewards, verify.backend_scores(backend, tokenizer, spec, blank, catalog.displays)[0]
 

@@ -10,7 +10,11 @@ are the INT8 graphs' (or, with one precision, that precision's); `fp32_*` are th
 `int8_drop_points_*` the drops, and `int8_vs_fp32` how often the two agree. The flat keys also
 report what the line sees with the bundle's own flag thresholds (`operator_metrics`), and
 `platform` where the figures were measured, and `robustness` (export/robustness.py) camera
-variations, frames with no part in view and outside phrasings, for the flat precision. No torch import.
+variations, frames with no part in view and outside phrasings, for the flat precision.
+`views` judges each ELPV frame as an appliance with that `views` setting does (rewards averaged
+over the views): the ELPV, operator, escape-curve and robustness figures; the synthetic and
+phrasing candidate sets name locations, which a turned view would swap, so they are always
+judged on the frame as it is. No torch import.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import numpy as np
 from appliance import decide
 from models.catalog import load_catalog
 from models.errors import ConfigError
-from models.preprocess import PreprocessSpec, TextTokenizer, normalize
+from models.preprocess import VIEWS, PreprocessSpec, TextTokenizer, normalize
 from appliance.scoring.onnx_backend import OnnxBackend
 from export import verify
 from export.decide_stats import catalog_defective, catalog_outputs, flag_outcomes
@@ -39,11 +43,13 @@ PRECISIONS = ("both", "int8", "fp32")
 
 
 def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: int = 0,
-                    precision: str = "both") -> dict:
+                    precision: str = "both", views: str = "one") -> dict:
     """Metrics of the INT8 graphs (flat keys) plus `fp32_*` twins, the INT8 drop in points and
     `int8_vs_fp32` agreement; precision "int8" or "fp32" evaluates those graphs alone (flat keys)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if views not in VIEWS:
+        raise ConfigError(f"views must be one of {', '.join(VIEWS)} (as the appliance's config), got {views!r}")
     check_limit(limit)
     bundle = Path(bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -52,20 +58,21 @@ def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: in
     data, syn = eval_sets(split, spec.image_size, limit, seed)
     catalog = load_catalog(bundle / "catalog.yaml")
     metrics = {"model": str(bundle), "model_version": manifest["version"], "split": split,
-               "precision": "int8" if precision == "both" else precision}
+               "precision": "int8" if precision == "both" else precision, "views": views}
     runs = (("", True), ("fp32_", False)) if precision == "both" else (("", precision == "int8"),)
     outputs = {}
     for prefix, int8 in runs:
         backend = OnnxBackend(bundle, int8=int8)
-        patches, rewards, blank = catalog_outputs(backend, tokenizer, spec, data.images, catalog)
+        patches, rewards, blank = catalog_outputs(backend, tokenizer, spec, data.images, catalog, views)
         m, ordered = elpv_metrics(rewards, data)
         if not prefix:
             m.update(operator_metrics(manifest, catalog, patches, rewards, blank, data.levels))
             m["escape_curve"] = escape_curve(manifest, catalog, patches, rewards, blank, data.levels)
             m["robustness"] = robustness_metrics(backend, tokenizer, spec, data, catalog, manifest, rewards, blank,
-                                                 m["elpv_binary_accuracy"])
+                                                 m["elpv_binary_accuracy"], views)
             metrics["platform"] = platform_record(backend.provider)
-        scorer = backend_set_scorer(backend, tokenizer, spec, seed, known={id(data): patches})
+        known = {id(data): patches} if views == "one" else {}     # the sets see the frame as it is
+        scorer = backend_set_scorer(backend, tokenizer, spec, seed, known=known)
         sets, syn_r = set_metrics(scorer, syn, data, ordered)
         m.update(sets)
         m["quantized_graphs"] = bool(backend.quantized)
@@ -178,7 +185,8 @@ def plot_escape_curve(curve: dict, path: Path, title: str) -> Path:
 def evaluate_bundle_cli(args) -> int:
     """`linejudge eval --model <bundle>`: metrics JSON, headline figures printed."""
     out, precision = Path(args.json), getattr(args, "precision", None) or "both"
-    metrics = evaluate_bundle(Path(args.model), args.split, args.limit, precision=precision)
+    views = getattr(args, "views", None) or "one"
+    metrics = evaluate_bundle(Path(args.model), args.split, args.limit, precision=precision, views=views)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     flat = metrics["precision"]
@@ -196,7 +204,8 @@ def evaluate_bundle_cli(args) -> int:
         print(f"{k:28s} {flat} {metrics[k]:.4f}" if metrics[k] is not None else f"{k:28s} {flat} -")
     print_robustness(metrics["robustness"], flat)
     plot = plot_escape_curve(metrics["escape_curve"], out.with_name(out.stem + "_escapes.png"),
-                             f"bundle v{metrics['model_version']} on {metrics['split']} ({flat} graphs)")
+                             f"bundle v{metrics['model_version']} on {metrics['split']} ({flat} graphs, "
+                             f"views {views})")
     print(f"metrics -> {out}\nescapes against flags -> {plot}")
     return 0
 

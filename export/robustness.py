@@ -68,13 +68,14 @@ def no_part_frames(size: int, seed: int = 0) -> dict[str, np.ndarray]:
             "noise": rng.integers(0, 256, (size, size)).astype(np.uint8)}
 
 
-def camera_variation_metrics(backend, tokenizer, spec, data, catalog, base_rewards: np.ndarray) -> dict:
+def camera_variation_metrics(backend, tokenizer, spec, data, catalog, base_rewards: np.ndarray,
+                             views: str = "one") -> dict:
     defective = catalog_defective(catalog)
     base_top = base_rewards.argmax(1)
     out = {}
     for name, change in CAMERA_VARIATIONS.items():
         images = np.stack([np.ascontiguousarray(change(g)) for g in data.images])
-        _, rewards = verify.backend_outputs(backend, tokenizer, spec, images, catalog.displays)
+        _, rewards = verify.backend_outputs(backend, tokenizer, spec, images, catalog.displays, views=views)
         top = rewards.argmax(1)
         out[name] = {"verdict_agreement": float((defective[top] == defective[base_top]).mean()),
                      "top1_agreement": float((top == base_top).mean()),
@@ -82,13 +83,15 @@ def camera_variation_metrics(backend, tokenizer, spec, data, catalog, base_rewar
     return out
 
 
-def no_part_metrics(backend, tokenizer, spec, catalog, manifest: dict, blank: np.ndarray) -> dict:
+def no_part_metrics(backend, tokenizer, spec, catalog, manifest: dict, blank: np.ndarray,
+                    views: str = "one") -> dict:
     """`blank`: the catalog's rewards on the blank frame (the image-reliance check), as on the appliance."""
     thresholds = decide.Thresholds.from_manifest(manifest["thresholds"])
     defective = list(catalog_defective(catalog))
     out = {}
     for name, frame in no_part_frames(spec.image_size).items():
-        patches, rewards = verify.backend_outputs(backend, tokenizer, spec, frame[None], catalog.displays)
+        patches, rewards = verify.backend_outputs(backend, tokenizer, spec, frame[None], catalog.displays,
+                                                  views=views)
         problem = frame_problem(frame)
         with_guard = decide.decide(catalog.displays, rewards[0], blank, patches[0], thresholds, manifest["ood"],
                                    defective, problem)
@@ -108,10 +111,11 @@ def load_outside_phrasings(catalog, path: Path = OUTSIDE_PHRASINGS) -> list[list
     return [[entries[e.id][k] for e in catalog.entries] for k in range(columns)]
 
 
-def outside_phrasing_metrics(backend, tokenizer, spec, data, catalog, catalog_binary: float) -> dict:
+def outside_phrasing_metrics(backend, tokenizer, spec, data, catalog, catalog_binary: float,
+                             views: str = "one") -> dict:
     per_column = []
     for texts in load_outside_phrasings(catalog):
-        _, rewards = verify.backend_outputs(backend, tokenizer, spec, data.images, texts)
+        _, rewards = verify.backend_outputs(backend, tokenizer, spec, data.images, texts, views=views)
         per_column.append(elpv_metrics(rewards, data)[0]["elpv_binary_accuracy"])
     mean = float(np.mean(per_column))
     return {"elpv_binary_accuracy": mean, "per_column": per_column, "catalog_elpv_binary_accuracy": catalog_binary,
@@ -119,9 +123,12 @@ def outside_phrasing_metrics(backend, tokenizer, spec, data, catalog, catalog_bi
 
 
 def robustness_metrics(backend, tokenizer, spec, data, catalog, manifest: dict, base_rewards: np.ndarray,
-                       blank: np.ndarray, catalog_binary: float) -> dict:
+                       blank: np.ndarray, catalog_binary: float, views: str = "one") -> dict:
     """base_rewards (N, K) and blank (K,): the catalog's rewards on the unchanged frames and on the
-    blank frame; catalog_binary: their ELPV binary accuracy (all already computed by the eval)."""
-    return {"camera_variations": camera_variation_metrics(backend, tokenizer, spec, data, catalog, base_rewards),
-            "no_part_in_view": no_part_metrics(backend, tokenizer, spec, catalog, manifest, blank),
-            "outside_phrasings": outside_phrasing_metrics(backend, tokenizer, spec, data, catalog, catalog_binary)}
+    blank frame; catalog_binary: their ELPV binary accuracy (all already computed by the eval, with
+    the same `views`)."""
+    return {"camera_variations": camera_variation_metrics(backend, tokenizer, spec, data, catalog, base_rewards,
+                                                          views),
+            "no_part_in_view": no_part_metrics(backend, tokenizer, spec, catalog, manifest, blank, views),
+            "outside_phrasings": outside_phrasing_metrics(backend, tokenizer, spec, data, catalog, catalog_binary,
+                                                          views)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.preprocess import PreprocessSpec, TextTokenizer, normalize
+from models.preprocess import VIEWS, PreprocessSpec, TextTokenizer, normalize
 
 
 def backend_scores(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, frames: np.ndarray,
@@ -17,15 +17,21 @@ def backend_scores(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, fram
 
 
 def backend_outputs(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, frames: np.ndarray,
-                    texts: list[str], batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(N,S,S) uint8 frames x the same K texts -> patches (N,P,d) and rewards (N,K)."""
+                    texts: list[str], batch: int = 32, views: str = "one") -> tuple[np.ndarray, np.ndarray]:
+    """(N,S,S) uint8 frames x the same K texts -> patches (N,P,d) and rewards (N,K). `views` (a
+    models.preprocess.VIEWS name) as the appliance's config: the rewards are averaged over the
+    views of each frame, the patches are the first view's (what the appliance's checks read)."""
     ids, mask = tokenizer.encode(texts)
     features = backend.text_features(ids, mask)
-    patches = np.concatenate([backend.image_features(normalize(frames[i:i + batch], spec))
-                              for i in range(0, len(frames), batch)])
-    rewards = np.concatenate([backend.rewards(patches[i:i + batch], features)
-                              for i in range(0, len(patches), batch)])
-    return patches, rewards
+    per_view = []
+    for view in VIEWS[views]:
+        seen = np.stack([np.ascontiguousarray(view(f)) for f in frames]) if views != "one" else frames
+        patches = np.concatenate([backend.image_features(normalize(seen[i:i + batch], spec))
+                                  for i in range(0, len(seen), batch)])
+        rewards = np.concatenate([backend.rewards(patches[i:i + batch], features)
+                                  for i in range(0, len(patches), batch)])
+        per_view.append((patches, rewards))
+    return per_view[0][0], np.mean([r for _, r in per_view], axis=0)
 
 
 def backend_set_scores(backend, tokenizer, spec, data, seed: int = 0) -> np.ndarray:

@@ -144,6 +144,9 @@ def evaluate_cli(args) -> int:
     if getattr(args, "precision", None):
         raise ConfigError(f"--precision is for bundles (int8 or fp32 graphs); {args.model} is a trained "
                           f"model, evaluated in fp32 torch: leave --precision out")
+    if getattr(args, "views", None):
+        raise ConfigError(f"--views is for bundles (judged as an appliance judges); {args.model} is a trained "
+                          f"model, evaluated on the frames as they are: export it, or leave --views out")
     metrics, extras = evaluate(Path(args.model), args.split, args.limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
