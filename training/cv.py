@@ -8,7 +8,9 @@ and standard deviation. Every fold is an ordinary run directory (out/fold-<k>), 
 interrupted cross-validation resumes where it stopped.
 
 `ablation` reads several such directories and writes a markdown table and a plot: one row per
-recipe, mean +- standard deviation over the folds.
+recipe, mean +- standard deviation over the folds, and each recipe against the first one paired
+fold by fold (the folds are the same cells for every recipe: the differences between recipes
+vary far less from fold to fold than the figures themselves do).
 """
 from __future__ import annotations
 
@@ -93,13 +95,39 @@ def _cell(result: dict, key: str) -> str:
     return f"{result['mean'][key]:.3f} +- {result['sd'][key]:.3f}"
 
 
+def paired_difference(result: dict, reference: dict, key: str) -> dict | None:
+    """result minus reference on the same folds: mean, its standard error, and on how many folds
+    result is higher; None where the two were not run on the same folds."""
+    mine = {f["fold"]: f.get(key) for f in result["per_fold"]}
+    theirs = {f["fold"]: f.get(key) for f in reference["per_fold"]}
+    if result["folds"] != reference["folds"] or mine.keys() != theirs.keys() or \
+            None in mine.values() or None in theirs.values():
+        return None
+    diffs = np.array([mine[k] - theirs[k] for k in sorted(mine)])
+    return {"mean": float(diffs.mean()), "se": float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
+            "higher": int((diffs > 0).sum()), "folds": len(diffs)}
+
+
+def _paired_cell(result: dict, reference: dict, key: str) -> str:
+    d = paired_difference(result, reference, key)
+    if d is None:
+        return "-"
+    return f"{d['mean'] * 100:+.1f} +- {d['se'] * 100:.1f} ({d['higher']} of {d['folds']} folds higher)"
+
+
 def _write_table(rows, path: Path) -> Path:
-    lines = ["| recipe | config | folds | ELPV binary (reward) | ELPV binary (level head) | pairwise |",
-             "|---|---|---|---|---|---|"]
+    reference = rows[0][0]
+    lines = ["| recipe | config | folds | ELPV binary (reward) | ELPV binary (level head) | pairwise | "
+             f"reward binary - {reference}, points | level head binary - {reference}, points |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
+        versus = [_paired_cell(r, rows[0][1], k) if name != reference else "(reference)" for k in FIGURES[:2]]
         lines.append(f"| {name} | {r['config']} ({r['config_hash']}) | {r['folds']} | "
-                     f"{_cell(r, FIGURES[0])} | {_cell(r, FIGURES[1])} | {_cell(r, FIGURES[2])} |")
-    path.write_text("\n".join(lines) + "\n\nmean +- standard deviation over the folds (val part of each fold).\n")
+                     f"{_cell(r, FIGURES[0])} | {_cell(r, FIGURES[1])} | {_cell(r, FIGURES[2])} | "
+                     f"{versus[0]} | {versus[1]} |")
+    path.write_text("\n".join(lines) + "\n\nmean +- standard deviation over the folds (val part of each fold); "
+                    f"the last two columns: the recipe minus {reference} on the same folds, mean +- standard "
+                    "error of the fold-by-fold differences.\n")
     return path
 
 

@@ -97,3 +97,30 @@ def test_unfinished_or_missing_runs_are_refused_with_what_to_do(cv_run, tmp_path
         ablation([half], tmp_path / "report")
     with pytest.raises(ConfigError, match="--fold must be from 0 to 1"):
         cross_validate(cv_run[0], tmp_path / "x", folds=2, only=2)
+
+
+def _cv_dir(root, name, binaries):
+    per_fold = [{"fold": k, "val_elpv_binary_accuracy": b, "val_level_head_binary_accuracy": b,
+                 "val_pairwise_accuracy": 0.8} for k, b in enumerate(binaries)]
+    result = {"config": name, "config_hash": "0" * 16, "folds": len(binaries), "per_fold": per_fold,
+              "mean": {k: sum(f[k] for f in per_fold) / len(per_fold) for k in per_fold[0] if k != "fold"},
+              "sd": {k: 0.01 for k in per_fold[0] if k != "fold"}}
+    (root / name).mkdir()
+    (root / name / "cv.json").write_text(json.dumps(result))
+    return root / name
+
+
+def test_each_recipe_is_compared_with_the_first_fold_by_fold(tmp_path):
+    from training.cv import paired_difference
+    base = _cv_dir(tmp_path, "base", [0.84, 0.86, 0.88, 0.85, 0.87])
+    better = _cv_dir(tmp_path, "better", [0.86, 0.87, 0.90, 0.86, 0.87])      # +2, +1, +2, +1, 0 points
+    fewer = _cv_dir(tmp_path, "three-folds", [0.9, 0.9, 0.9])
+    d = paired_difference(json.loads((better / "cv.json").read_text()),
+                          json.loads((base / "cv.json").read_text()), "val_elpv_binary_accuracy")
+    assert d["mean"] == pytest.approx(0.012) and d["higher"] == 4 and d["folds"] == 5
+    assert d["se"] == pytest.approx(0.008366600 / 5 ** 0.5)
+    text = ablation([base, better, fewer], tmp_path / "report")[0].read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["better"].endswith("| +1.2 +- 0.4 (4 of 5 folds higher) | +1.2 +- 0.4 (4 of 5 folds higher) |")
+    assert rows["base"].endswith("| (reference) | (reference) |")
+    assert rows["three-folds"].endswith("| - | - |")                          # other folds: no pairing
