@@ -132,20 +132,34 @@ def _write_table(rows, path: Path) -> Path:
 
 
 def _plot(rows, path: Path) -> Path:
+    """Left: each recipe's folds and mean +- sd; right: each recipe minus the first, fold by fold."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.8))
+    fig, (ax, paired) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 1.8), sharey=True)
     for i, (name, r) in enumerate(rows):
         values = [f[FIGURES[0]] for f in r["per_fold"]]
         ax.scatter(np.asarray(values) * 100, [i] * len(values), color="grey", s=14, zorder=2)
         ax.errorbar([r["mean"][FIGURES[0]] * 100], [i], xerr=[r["sd"][FIGURES[0]] * 100], fmt="o",
                     color="tab:blue", capsize=4, zorder=3)
+        _plot_paired(paired, i, r, rows[0][1])
     ax.axvline(88.42, color="crimson", linestyle=":", label="Deitsch et al. 2019 (88.42 %)")
     ax.set_yticks(range(len(rows)), [name for name, _ in rows])
     ax.set_xlabel("ELPV binary accuracy, % (each fold grey, mean +- sd blue)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
+    paired.axvline(0, color="black", linewidth=0.8)
+    paired.set_xlabel(f"minus {rows[0][0]} on the same fold, points (mean +- se)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_paired(ax, i: int, result: dict, reference: dict) -> None:
+    d = paired_difference(result, reference, FIGURES[0])
+    if d is None or result is reference:
+        return
+    theirs = {f["fold"]: f[FIGURES[0]] for f in reference["per_fold"]}
+    diffs = [(f[FIGURES[0]] - theirs[f["fold"]]) * 100 for f in result["per_fold"]]
+    ax.scatter(diffs, [i] * len(diffs), color="grey", s=14, zorder=2)
+    ax.errorbar([d["mean"] * 100], [i], xerr=[d["se"] * 100], fmt="o", color="tab:blue", capsize=4, zorder=3)
