@@ -19,6 +19,7 @@ import torch
 
 from models.common import write_file_atomic
 from models.errors import ConfigError, LinejudgeError
+from models.platform import cpu_flags, cpu_model
 from models.preprocess import PreprocessSpec
 from models.reward_model import RewardModel
 from training import distributed
@@ -166,6 +167,7 @@ def train(cfg: TrainConfig, out: str | Path, fold: tuple[int, int] | None = None
     summary["parameters"] = {"teacher": teacher.parameter_count(),
                              "student": student.parameter_count() if student else None}
     summary["minutes"] = round((time.time() - started) / 60, 2)
+    summary["platform"] = {"cpu": cpu_model(), "isa": cpu_flags(), "torch": torch.__version__}   # minutes depend on it
     if distributed.is_main():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

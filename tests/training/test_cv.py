@@ -99,12 +99,12 @@ def test_unfinished_or_missing_runs_are_refused_with_what_to_do(cv_run, tmp_path
         cross_validate(cv_run[0], tmp_path / "x", folds=2, only=2)
 
 
-def _cv_dir(root, name, binaries):
+def _cv_dir(root, name, binaries, isa=None):
     per_fold = [{"fold": k, "val_elpv_binary_accuracy": b, "val_level_head_binary_accuracy": b,
-                 "val_pairwise_accuracy": 0.8} for k, b in enumerate(binaries)]
+                 "val_pairwise_accuracy": 0.8, "isa": isa} for k, b in enumerate(binaries)]
     result = {"config": name, "config_hash": "0" * 16, "folds": len(binaries), "per_fold": per_fold,
-              "mean": {k: sum(f[k] for f in per_fold) / len(per_fold) for k in per_fold[0] if k != "fold"},
-              "sd": {k: 0.01 for k in per_fold[0] if k != "fold"}}
+              "mean": {k: sum(f[k] for f in per_fold) / len(per_fold) for k in per_fold[0] if k.startswith("val")},
+              "sd": {k: 0.01 for k in per_fold[0] if k.startswith("val")}}
     (root / name).mkdir()
     (root / name / "cv.json").write_text(json.dumps(result))
     return root / name
@@ -124,3 +124,17 @@ def test_each_recipe_is_compared_with_the_first_fold_by_fold(tmp_path):
     assert rows["better"].endswith("| +1.2 +- 0.4 (4 of 5 folds higher) | +1.2 +- 0.4 (4 of 5 folds higher) |")
     assert rows["base"].endswith("| (reference) | (reference) |")
     assert rows["three-folds"].endswith("| - | - |")                          # other folds: no pairing
+
+
+def test_a_pairing_across_cpus_is_marked_in_the_table(tmp_path, cv_run):
+    base = _cv_dir(tmp_path, "base", [0.84, 0.86], isa=["avx2"])
+    same = _cv_dir(tmp_path, "same-cpu", [0.85, 0.87], isa=["avx2"])
+    other = _cv_dir(tmp_path, "vnni-cpu", [0.85, 0.87], isa=["avx2", "avx512_vnni", "avx512f"])
+    text = ablation([base, same, other], tmp_path / "report")[0].read_text()
+    assert "| +1.0 +- 0.0 (2 of 2 folds higher) |" in text
+    assert "| +1.0 +- 0.0 (2 of 2 folds higher, another CPU) |" in text
+    _, out, result = cv_run                                    # a real run records its CPU flags
+    summary = json.loads((out / "fold-0" / "summary.json").read_text())
+    from models.platform import cpu_flags, cpu_model
+    assert summary["platform"]["isa"] == cpu_flags() and summary["platform"]["cpu"] == cpu_model()
+    assert result["per_fold"][0]["isa"] == summary["platform"]["isa"]
