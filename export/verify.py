@@ -25,7 +25,7 @@ def backend_outputs(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, fra
     features = backend.text_features(ids, mask)
     per_view = []
     for view in VIEWS[views]:
-        seen = np.stack([np.ascontiguousarray(view(f)) for f in frames]) if views != "one" else frames
+        seen = np.stack([np.ascontiguousarray(view(f)) for f in frames])
         patches = np.concatenate([backend.image_features(normalize(seen[i:i + batch], spec))
                                   for i in range(0, len(seen), batch)])
         rewards = np.concatenate([backend.rewards(patches[i:i + batch], features)

@@ -97,8 +97,8 @@ def _cell(result: dict, key: str) -> str:
 
 
 def paired_difference(result: dict, reference: dict, key: str) -> dict | None:
-    """result minus reference on the same folds: mean, its standard error, and on how many folds
-    result is higher; None where the two were not run on the same folds."""
+    """result minus reference on the same folds: each fold's difference, their mean, its standard
+    error, and on how many folds result is higher; None where the two were not run on the same folds."""
     mine = {f["fold"]: f.get(key) for f in result["per_fold"]}
     theirs = {f["fold"]: f.get(key) for f in reference["per_fold"]}
     if result["folds"] != reference["folds"] or mine.keys() != theirs.keys() or \
@@ -106,7 +106,7 @@ def paired_difference(result: dict, reference: dict, key: str) -> dict | None:
         return None
     diffs = np.array([mine[k] - theirs[k] for k in sorted(mine)])
     return {"mean": float(diffs.mean()), "se": float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
-            "higher": int((diffs > 0).sum()), "folds": len(diffs)}
+            "higher": int((diffs > 0).sum()), "folds": len(diffs), "per_fold": diffs.tolist()}
 
 
 def _paired_cell(result: dict, reference: dict, key: str) -> str:
@@ -168,7 +168,5 @@ def _plot_paired(ax, i: int, result: dict, reference: dict) -> None:
     d = paired_difference(result, reference, FIGURES[0])
     if d is None or result is reference:
         return
-    theirs = {f["fold"]: f[FIGURES[0]] for f in reference["per_fold"]}
-    diffs = [(f[FIGURES[0]] - theirs[f["fold"]]) * 100 for f in result["per_fold"]]
-    ax.scatter(diffs, [i] * len(diffs), color="grey", s=14, zorder=2)
+    ax.scatter(np.asarray(d["per_fold"]) * 100, [i] * d["folds"], color="grey", s=14, zorder=2)
     ax.errorbar([d["mean"] * 100], [i], xerr=[d["se"] * 100], fmt="o", color="tab:blue", capsize=4, zorder=3)

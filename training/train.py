@@ -167,7 +167,8 @@ def train(cfg: TrainConfig, out: str | Path, fold: tuple[int, int] | None = None
     summary["parameters"] = {"teacher": teacher.parameter_count(),
                              "student": student.parameter_count() if student else None}
     summary["minutes"] = round((time.time() - started) / 60, 2)
-    summary["platform"] = {"cpu": cpu_model(), "isa": cpu_flags(), "torch": torch.__version__}   # minutes depend on it
+    # minutes and, through torch's float kernels, the figures too differ from CPU to CPU
+    summary["platform"] = {"cpu": cpu_model(), "isa": cpu_flags(), "torch": torch.__version__}
     if distributed.is_main():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
