@@ -80,11 +80,10 @@ def torch_model(variant: str, source: str):
 
 def _torch_runner(variant: str, source: str, threads: int):
     import torch
-    from models.preprocess import PreprocessSpec
     from training.stages import Encoder
     torch.set_num_threads(threads)
     model, about = torch_model(variant, source)
-    enc = Encoder(PreprocessSpec(model.config.image_size, max_tokens=model.config.max_tokens))
+    enc = Encoder(model.config.preprocess_spec())
     frame = np.random.default_rng(0).integers(0, 255, (1, model.config.image_size, model.config.image_size), np.uint8)
 
     def make(n):

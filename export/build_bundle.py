@@ -106,7 +106,7 @@ def _build_then_rename(final: Path, prepare, build) -> dict:
 def _build_bundle(model, run_dir: Path, out: Path, opts: ExportOptions) -> dict:
     """The five steps, written into `out`."""
     cfg = model.config
-    spec = PreprocessSpec(cfg.image_size, max_tokens=cfg.max_tokens)
+    spec = cfg.preprocess_spec()
     tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", spec.max_tokens)
     catalog = load_catalog(EL_CATALOG)
     steps = tqdm(total=5, desc="export", dynamic_ncols=True)
@@ -130,8 +130,7 @@ def _build_bundle(model, run_dir: Path, out: Path, opts: ExportOptions) -> dict:
     manifest = bundle_lib.build_manifest(
         out, line=opts.line, version=opts.version, expires_days=opts.expires_days,
         compatible={"input": input_spec(spec), "opset": to_onnx.OPSET, "onnxruntime": ">=1.18"},
-        preprocessing={"image_size": spec.image_size, "mean": spec.mean, "std": spec.std,
-                       "max_tokens": spec.max_tokens, "color": "gray", "resize": "INTER_AREA"},
+        preprocessing={**spec.to_dict(), "color": "gray", "resize": "INTER_AREA"},
         thresholds=int8.stats["thresholds"], ood=int8.stats["ood"],
         lineage=_lineage(run_dir, opts), metrics={"parity_fp32": parity, "int8_gate": int8.gate,
                                                    "golden_frames": len(int8.golden), **_eval_metrics(run_dir)},
@@ -221,6 +220,9 @@ def _requantized_manifest(old: dict, out: Path, opts: ExportOptions) -> dict:
 def input_spec(spec: PreprocessSpec) -> dict:
     return {"image": [1, spec.image_size, spec.image_size], "dtype": "float32",
             "max_tokens": spec.max_tokens}
+
+
+DIM_GOLDEN_GAIN = 0.5
 
 
 def _golden_indices(val) -> np.ndarray:
@@ -344,19 +346,25 @@ def _gate_fails(gate: dict, opts: ExportOptions) -> bool:
 
 def _write_golden(out: Path, int8_backend, fp32_backend, tokenizer, spec, val, idx, catalog) -> list[dict]:
     """Golden frames with the verdict and rewards of each precision: the appliance checks the
-    INT8 graphs against the first, and its fp32 fallback against the second."""
+    INT8 graphs against the first, and its fp32 fallback against the second. With a white point,
+    each golden frame also comes at DIM_GOLDEN_GAIN of its exposure: an appliance whose software
+    predates the white point (and skips it) then fails the check instead of judging dim frames
+    unlike HQ."""
     golden_dir = out / "golden"
     if golden_dir.exists():
         shutil.rmtree(golden_dir)
     golden_dir.mkdir()
-    images = val.images[idx]
+    images, cells = val.images[idx], [val.ids[i] for i in idx]
+    if spec.white_point is not None:
+        images = np.concatenate([images, (images * DIM_GOLDEN_GAIN).astype(np.uint8)])
+        cells += [f"{c} at x{DIM_GOLDEN_GAIN} exposure" for c in cells]
     scores = verify.backend_scores(int8_backend, tokenizer, spec, images, catalog.displays)
     scores_fp32 = verify.backend_scores(fp32_backend, tokenizer, spec, images, catalog.displays)
     rows = []
-    for i, (cell_index, s, s32) in enumerate(zip(idx, scores, scores_fp32)):
+    for i, (image, cell, s, s32) in enumerate(zip(images, cells, scores, scores_fp32)):
         name = f"golden_{i:02d}.png"
-        cv2.imwrite(str(golden_dir / name), val.images[cell_index])
-        rows.append({"frame": name, "cell": val.ids[cell_index], "verdict": catalog.displays[int(s.argmax())],
+        cv2.imwrite(str(golden_dir / name), image)
+        rows.append({"frame": name, "cell": cell, "verdict": catalog.displays[int(s.argmax())],
                      "rewards": [round(float(v), 5) for v in s],
                      "verdict_fp32": catalog.displays[int(s32.argmax())],
                      "rewards_fp32": [round(float(v), 5) for v in s32]})

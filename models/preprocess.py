@@ -14,6 +14,11 @@ import numpy as np
 from models.errors import BadFrame, BadExplanation
 
 MAX_EXPLANATION_CHARS = 2000
+# Exposure: with a white point set, each frame is scaled so that its 90th-percentile brightness
+# (the glowing area of a cell; defects are dark) lands on it, which undoes a camera's gain or
+# exposure drift. The scale is held within 1/4..4 so that a covered lens is not blown up to noise.
+WHITE_POINT_PERCENTILE = 90
+MAX_EXPOSURE_GAIN = 4.0
 
 
 @dataclass(frozen=True)
@@ -22,11 +27,22 @@ class PreprocessSpec:
     mean: float = 0.5
     std: float = 0.25
     max_tokens: int = 32
+    white_point: float | None = None      # None: frames as the camera sends them
+
+    def __post_init__(self):
+        if self.white_point is not None and not 1 <= self.white_point <= 255:
+            raise ValueError(f"white_point must be a brightness from 1 to 255 or None, not {self.white_point!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessSpec":
+        """A bundle manifest's `preprocessing`; bundles from before 2026-12-07 have no white point."""
+        white = data.get("white_point")
         return cls(int(data["image_size"]), float(data["mean"]), float(data["std"]),
-                   int(data["max_tokens"]))
+                   int(data["max_tokens"]), None if white is None else float(white))
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "mean": self.mean, "std": self.std,
+                "max_tokens": self.max_tokens, "white_point": self.white_point}
 
 
 def to_gray(frame: np.ndarray) -> np.ndarray:
@@ -108,9 +124,23 @@ def frame_problem(gray: np.ndarray) -> str | None:
     return None
 
 
+def exposure_gain(gray: np.ndarray, white_point: float) -> np.ndarray:
+    """(B,H,W) uint8 -> (B,) the scale that puts each frame's WHITE_POINT_PERCENTILE on white_point
+    (read on every second pixel of every second row: a quarter of the work, nearly the same level;
+    a turned view reads other pixels, so its gain may differ a little: every view is normalised
+    after it is made, in training and on the appliance alike)."""
+    flat = gray[:, ::2, ::2].reshape(len(gray), -1)
+    k = int(round(WHITE_POINT_PERCENTILE / 100 * (flat.shape[1] - 1)))
+    level = np.partition(flat, k, axis=1)[:, k].astype(np.float32)
+    return np.clip(white_point / np.maximum(level, 1.0), 1 / MAX_EXPOSURE_GAIN, MAX_EXPOSURE_GAIN)
+
+
 def normalize(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """(H,W) uint8 or (B,H,W) uint8 -> float32 (B,1,H,W) normalised."""
+    """(H,W) uint8 or (B,H,W) uint8 -> float32 (B,1,H,W) normalised (exposure first, with a white point)."""
+    gray = gray.reshape(-1, spec.image_size, spec.image_size)
     x = gray.astype(np.float32) / 255.0
+    if spec.white_point is not None:
+        x = np.minimum(x * exposure_gain(gray, spec.white_point)[:, None, None], 1.0)
     x = (x - spec.mean) / spec.std
     return x.reshape(-1, 1, spec.image_size, spec.image_size)
 
@@ -120,7 +150,8 @@ def frame_to_input(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def blank_input(spec: PreprocessSpec) -> np.ndarray:
-    """A featureless mid-gray frame: what the text-only proxy sees."""
+    """A featureless mid-gray frame: what the text-only proxy sees (with a white point every flat
+    frame brighter than white_point / MAX_EXPOSURE_GAIN becomes that white point)."""
     return normalize(np.full((spec.image_size, spec.image_size), 128, np.uint8), spec)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from models.common import is_whole
 from models.errors import ModelError
+from models.preprocess import PreprocessSpec
 
 MINILM_HIDDEN = 384
 EFFICIENTNET_BLOCKS = 16          # MBConv blocks of EfficientNet-Lite0
@@ -59,6 +60,7 @@ class ModelConfig:
     dropout: float = 0.1
     level_weight: float = 0.0         # > 0: an image ELPV-level head folded into the reward (Scorer)
     fact_weight: float = 0.0          # > 0: one slot per synthetic defect fact folded into the reward (Scorer)
+    white_point: float = 0.0          # > 0: frames scaled to this 90th-percentile brightness (models.preprocess)
 
     def __post_init__(self):
         if self.text_encoder not in ("small", "minilm"):
@@ -83,6 +85,10 @@ class ModelConfig:
         if isinstance(self.fact_weight, bool) or not isinstance(self.fact_weight, (int, float)) \
                 or not 0 <= self.fact_weight <= 10:
             raise ValueError(f"fact_weight must be a number from 0 (no fact slots) to 10, not {self.fact_weight!r}")
+        if isinstance(self.white_point, bool) or not isinstance(self.white_point, (int, float)) \
+                or not (self.white_point == 0 or 1 <= self.white_point <= 255):
+            raise ValueError(f"white_point must be 0 (frames as they come) or a brightness from 1 to 255, "
+                             f"not {self.white_point!r}")
         if self.fact_weight and self.summary_tokens < len(FACT_SLOTS):
             raise ValueError(f"fact_weight needs summary_tokens >= {len(FACT_SLOTS)}: each fact slot reads "
                              f"its own summary token (got summary_tokens {self.summary_tokens})")
@@ -98,6 +104,11 @@ class ModelConfig:
     @property
     def grid(self) -> int:
         return self.image_size // 32
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """How frames and texts are prepared for this model (the bundle's `preprocessing`)."""
+        return PreprocessSpec(self.image_size, max_tokens=self.max_tokens,
+                              white_point=float(self.white_point) if self.white_point else None)
 
 
 TEACHER = ModelConfig(name="teacher", d_model=256, text_encoder="minilm", text_layers=1,

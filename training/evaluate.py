@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from models.errors import ConfigError
-from models.preprocess import PreprocessSpec
 from models.reward_model import RewardModel, load_model
 from training.metrics import (check_limit, ece, elpv_metrics, eval_sets, oriented_pairs, pair_correct,
                               set_metrics)
@@ -112,7 +111,7 @@ def evaluate(model_dir: Path, split: str, limit: int | None = None, seed: int = 
     check_limit(limit)
     found = find_models(model_dir)
     model = load_model(found["model"])
-    spec = PreprocessSpec(model.config.image_size, max_tokens=model.config.max_tokens)
+    spec = model.config.preprocess_spec()
     enc = Encoder(spec)
     data, syn = eval_sets(split, spec.image_size, limit, seed)
     rng = np.random.default_rng(seed)

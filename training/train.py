@@ -49,10 +49,10 @@ class TextPairSet(CandidateSet):
 
 
 def preprocess_spec(cfg: TrainConfig) -> PreprocessSpec:
-    if (cfg.teacher.image_size, cfg.teacher.max_tokens) != (cfg.student.image_size, cfg.student.max_tokens):
-        raise ConfigError("teacher and student must share image_size and max_tokens "
+    if cfg.teacher.preprocess_spec() != cfg.student.preprocess_spec():
+        raise ConfigError("teacher and student must share image_size, max_tokens and white_point "
                           "(the appliance preprocesses once per frame)")
-    return PreprocessSpec(image_size=cfg.student.image_size, max_tokens=cfg.student.max_tokens)
+    return cfg.student.preprocess_spec()
 
 
 def build_data(cfg: TrainConfig, size: int, fold: tuple[int, int] | None = None) -> dict[str, list[CandidateSet]]:
@@ -64,6 +64,7 @@ def build_data(cfg: TrainConfig, size: int, fold: tuple[int, int] | None = None)
         train.append(elpv_set("train", size, d.elpv_train_limit, d.elpv_types, cfg.seed, fold))
         train[-1].quarter_turns = d.quarter_turns
         train[-1].camera_changes = d.camera_changes
+        train[-1].use_phrasings(d.elpv_phrasings, cfg.seed)
         val.append(elpv_set("val", size, d.elpv_val_limit, d.elpv_types, cfg.seed, fold))
     backgrounds = elpv.defect_free_backgrounds(size, fold=fold) if d.synthetic_on_elpv_fraction > 0 else None
     if d.synthetic_train:

@@ -32,7 +32,6 @@ def test_every_stage_trains_every_parameter_and_lowers_the_loss(tiny_run):
 
 def test_image_stages_keep_the_epoch_their_select_figure_names(tiny_run):
     """History logs val ELPV binary accuracy per epoch; the saved model is the selected epoch's."""
-    from models.preprocess import PreprocessSpec
     from models.reward_model import load_model
     from training.config import SELECT_BY
     from training.data.batches import elpv_set
@@ -51,7 +50,7 @@ def test_image_stages_keep_the_epoch_their_select_figure_names(tiny_run):
         assert stages[name]["best_epoch"] == kept, name
     model = load_model(out / "distill" / "model")
     val = elpv_set("val", model.config.image_size, cfg.data.elpv_val_limit, cfg.data.elpv_types, cfg.seed)
-    enc = Encoder(PreprocessSpec(model.config.image_size, max_tokens=model.config.max_tokens))
+    enc = Encoder(model.config.preprocess_spec())
     assert elpv_binary_accuracy(model, enc, val) == stages["distill"]["val_elpv_binary_accuracy"]
 
 
