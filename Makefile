@@ -116,6 +116,7 @@ default-bundle: $(STAMP) keys/$(KEY_ID).key
 	$(BIN)/linejudge export --checkpoint runs/full --out $(BUNDLE) --version $(BUNDLE_VERSION) --key keys/$(KEY_ID).key --key-id $(KEY_ID) --keep-fp32 $(KEEP_FP32)
 	$(BIN)/linejudge bundle verify $(BUNDLE)
 	$(BIN)/linejudge eval --model $(BUNDLE) --split test --json reports/full/bundle_eval_test.json
+	$(BIN)/linejudge eval --model $(BUNDLE) --split test --precision int8 --views upright2 --json reports/full/bundle_eval_test_upright2.json
 
 # Remake the shipped bundle's INT8 graphs from its fp32 graphs (no training run needed): how
 # v2 was made from v1's saturating 8-bit graphs. Needs the HQ private key.

@@ -49,6 +49,14 @@ class Thresholds:
         return cls(**values)
 
 
+def manifest_thresholds(manifest: dict, views: str = "one") -> dict:
+    """The bundle's thresholds for a station judging `views` (models.preprocess.VIEWS): export
+    derives a set per views setting on val (`thresholds["by_views"]`); bundles exported before
+    2026-12-07 carry one set, derived on the frame as it is, used for every setting."""
+    thresholds = manifest.get("thresholds", {})
+    return thresholds.get("by_views", {}).get(views, thresholds)
+
+
 @dataclass(frozen=True)
 class Decision:
     verdict: str

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from models.catalog import load_catalog, merge_candidates
-from appliance.decide import Decision, Thresholds, decide
+from appliance.decide import Decision, Thresholds, decide, manifest_thresholds
 from models.errors import ModelError
 from models.preprocess import (VIEWS, PreprocessSpec, TextTokenizer, blank_input, frame_problem, frame_to_input,
                                  normalize, resize_gray, turn_upright, upright_quarter_turns)
@@ -57,7 +57,7 @@ class ModelRuntime:
         self.manifest = manifest
         self.version = int(manifest["version"])
         self.spec = PreprocessSpec.from_dict(manifest["preprocessing"])
-        self.thresholds = Thresholds.from_manifest(manifest.get("thresholds", {}), **(thresholds or {}))
+        self.thresholds = Thresholds.from_manifest(manifest_thresholds(manifest, views), **(thresholds or {}))
         self.ood = manifest["ood"]
         self.backend = open_backend(self.bundle_dir, backend, providers, allow_fallback, int8=int8, threads=threads,
                                     cache_dir=cache_dir)

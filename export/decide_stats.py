@@ -6,6 +6,7 @@ import numpy as np
 from appliance import decide
 from models.errors import ConfigError
 from export import verify
+from models.preprocess import VIEWS
 
 CALIBRATION_TARGET = 0.97     # binary accuracy wanted among frames that are not flagged
 MAX_FLAG_RATE = 0.30
@@ -21,9 +22,24 @@ def catalog_outputs(backend, tokenizer, spec, images: np.ndarray, catalog, views
 
 
 def calibrate(backend, tokenizer, spec, val, catalog) -> dict:
+    """Thresholds and OOD statistics from val. The thresholds are derived once per appliance
+    `views` setting (a station that averages two views is more confident, so the same thresholds
+    would flag other frames): the frame as it is in `thresholds`, the others in
+    `thresholds["by_views"]`, which the appliance picks by its config (decide.manifest_thresholds)."""
     patches, rewards, blank = catalog_outputs(backend, tokenizer, spec, val.images, catalog)
     vectors = decide.frame_vector(patches)
     ood = {"mean": vectors.mean(0).tolist(), "std": vectors.std(0).tolist(), "frames": int(len(vectors))}
+    thresholds = _thresholds(patches, rewards, blank, ood, val, catalog)
+    thresholds["by_views"] = {}
+    for views in VIEWS:
+        if views != "one":
+            outputs = catalog_outputs(backend, tokenizer, spec, val.images, catalog, views)
+            thresholds["by_views"][views] = _thresholds(*outputs, ood, val, catalog)
+    return {"thresholds": thresholds, "ood": ood}
+
+
+def _thresholds(patches, rewards, blank, ood: dict, val, catalog) -> dict:
+    vectors = decide.frame_vector(patches)
     distances = np.array([decide.ood_distance(v, ood) for v in vectors])
     reliance = np.array([decide.image_reliance(r, blank) for r in rewards])
     confidence = np.array([decide.p_best(r) for r in rewards])
@@ -41,7 +57,7 @@ def calibrate(backend, tokenizer, spec, val, catalog) -> dict:
     other = (distances > thresholds["ood_distance"]) | (reliance < thresholds["image_reliance"])
     chance = np.array([decide.p_defect(r, defective) for r in rewards])
     thresholds.update(joint_thresholds(confidence, chance, called, truth, other, p_threshold))
-    return {"thresholds": thresholds, "ood": ood}
+    return thresholds
 
 
 def catalog_defective(catalog) -> np.ndarray:

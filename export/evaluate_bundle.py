@@ -66,8 +66,8 @@ def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: in
         patches, rewards, blank = catalog_outputs(backend, tokenizer, spec, data.images, catalog, views)
         m, ordered = elpv_metrics(rewards, data)
         if not prefix:
-            m.update(operator_metrics(manifest, catalog, patches, rewards, blank, data.levels))
-            m["escape_curve"] = escape_curve(manifest, catalog, patches, rewards, blank, data.levels)
+            m.update(operator_metrics(manifest, catalog, patches, rewards, blank, data.levels, views=views))
+            m["escape_curve"] = escape_curve(manifest, catalog, patches, rewards, blank, data.levels, views=views)
             m["robustness"] = robustness_metrics(backend, tokenizer, spec, data, catalog, manifest, rewards, blank,
                                                  m["elpv_binary_accuracy"], views)
             metrics["platform"] = platform_record(backend.provider)
@@ -131,30 +131,33 @@ def backend_set_scorer(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, 
     return score
 
 
-def operator_metrics(manifest: dict, catalog, patches, rewards, blank, levels, **overrides) -> dict:
+def operator_metrics(manifest: dict, catalog, patches, rewards, blank, levels, *, views: str = "one",
+                     **overrides) -> dict:
     """The line's view with the bundle's flag thresholds (overrides as on the appliance): the
     share of frames flagged for review, the binary accuracy of the verdicts that are not, and
     the defective cells that pass unflagged with a defect-free verdict (escapes) — the
     number a quality engineer cares about. The verdict is the top catalog entry, as on the
-    appliance (elpv_binary_accuracy sums p over the defective entries instead)."""
-    thresholds = decide.Thresholds.from_manifest(manifest["thresholds"], **overrides)
+    appliance (elpv_binary_accuracy sums p over the defective entries instead); the thresholds
+    are the bundle's for a station with this `views` setting, as the appliance picks them."""
+    thresholds = decide.Thresholds.from_manifest(decide.manifest_thresholds(manifest, views), **overrides)
     defective = catalog_defective(catalog)
     flagged = np.array([decide.decide(catalog.displays, r, blank, p, thresholds, manifest["ood"], list(defective)).flagged
                         for r, p in zip(rewards, patches)])
     return flag_outcomes(defective[rewards.argmax(1)], np.asarray(levels) >= 2, flagged)
 
 
-def escape_curve(manifest: dict, catalog, patches, rewards, blank, levels, steps: int = 49) -> dict:
+def escape_curve(manifest: dict, catalog, patches, rewards, blank, levels, *, steps: int = 49,
+                 views: str = "one") -> dict:
     """Defective cells escaping against the share of parts flagged, as the possible-defect
     threshold `p_defect` sweeps from 0.02 to 0.98 (the other thresholds as in the bundle), and
     the bundle's own point: the trade a quality engineer moves along with `thresholds: {p_defect: ...}`."""
     points = []
     for p in np.linspace(0.02, 0.98, steps):
-        outcome = operator_metrics(manifest, catalog, patches, rewards, blank, levels, p_defect=float(p))
+        outcome = operator_metrics(manifest, catalog, patches, rewards, blank, levels, views=views, p_defect=float(p))
         points.append({"p_defect": round(float(p), 4), "flag_rate": outcome["flag_rate"],
                        "defective_escape_rate": outcome["defective_escape_rate"]})
-    chosen = operator_metrics(manifest, catalog, patches, rewards, blank, levels)
-    return {"points": points, "chosen": {"p_defect": manifest["thresholds"].get("p_defect"),
+    chosen = operator_metrics(manifest, catalog, patches, rewards, blank, levels, views=views)
+    return {"points": points, "chosen": {"p_defect": decide.manifest_thresholds(manifest, views).get("p_defect"),
                                          "flag_rate": chosen["flag_rate"],
                                          "defective_escape_rate": chosen["defective_escape_rate"]}}
 
@@ -217,6 +220,8 @@ def print_robustness(robust: dict, precision: str) -> None:
     unflagged = [name for name, m in robust["no_part_in_view"].items() if not m["flagged"]]
     print(f"{'no part in view':28s} {precision} {len(robust['no_part_in_view']) - len(unflagged)} of "
           f"{len(robust['no_part_in_view'])} flagged{' (NOT: ' + ', '.join(unflagged) + ')' if unflagged else ''}")
-    outside = robust["outside_phrasings"]
-    print(f"{'outside phrasings binary':28s} {precision} {outside['elpv_binary_accuracy']:.4f} "
-          f"({outside['gap_points']:+.1f} points below the catalog's)")
+    for key, name in (("outside_phrasings", "outside phrasings binary"),
+                      ("outside_phrasings_unseen", "unseen phrasings binary")):
+        outside = robust[key]
+        print(f"{name:28s} {precision} {outside['elpv_binary_accuracy']:.4f} "
+              f"({outside['gap_points']:+.1f} points below the catalog's)")

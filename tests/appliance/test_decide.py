@@ -122,3 +122,15 @@ def test_a_frame_that_cannot_show_a_part_is_always_flagged():
         assert d.flagged and d.reasons[0] == problem
     cells = elpv.load_images(elpv.read_cells()[::40], 160)
     assert [frame_problem(cell) for cell in cells] == [None] * len(cells)
+
+
+def test_a_station_gets_the_thresholds_derived_for_its_views():
+    from appliance.decide import manifest_thresholds
+    manifest = {"thresholds": {"p_best": 0.8, "ood_distance": 3.0, "image_reliance": 0.05,
+                               "by_views": {"upright2": {"p_best": 0.9, "ood_distance": 3.0, "image_reliance": 0.05}}}}
+    assert manifest_thresholds(manifest, "upright2")["p_best"] == 0.9
+    assert manifest_thresholds(manifest, "one")["p_best"] == 0.8
+    # a bundle from before per-views calibration: its one set serves every setting
+    old = {"thresholds": {"p_best": 0.8, "ood_distance": 3.0, "image_reliance": 0.05}}
+    assert manifest_thresholds(old, "upright2") == old["thresholds"]
+    assert Thresholds.from_manifest(manifest_thresholds(manifest, "upright2"), p_best=0.7).p_best == 0.7

@@ -202,3 +202,56 @@ def test_the_int8_gate_refuses_a_lost_verdict_even_when_the_pairs_still_agree():
     assert _gate_fails({**good, "binary_agreement": 0.97}, opts)             # 3 % of verdicts flip
     assert _gate_fails({**good, "top1_agreement": 0.957}, opts)              # every block INT8 (v2's 0.957)
     assert _gate_fails({**good, "pairwise_drop_points": 0.6}, opts)
+
+
+def test_the_white_point_travels_into_the_bundle_and_the_appliance_applies_it(tiny_bundle):
+    """tiny.yaml trains with a white point: the manifest carries it, the appliance's runtime reads
+    it, its golden check passes (the golden frames were scored through the same normalisation),
+    and a frame 0.7x as bright gets the rewards of the frame as it was."""
+    from appliance.runtime import ModelRuntime
+    from models.preprocess import PreprocessSpec
+    from training.data.batches import elpv_set
+    out, _, manifest = tiny_bundle
+    assert PreprocessSpec.from_dict(manifest["preprocessing"]).white_point == 185.0
+    runtime = ModelRuntime(out, manifest)
+    assert runtime.spec.white_point == 185.0 and runtime.golden_check().ok
+    frame = elpv_set("val", 64, limit=1).images[0]
+    darker = (frame.astype(np.float32) * 0.7).astype(np.uint8)
+    same, darkened = runtime.judge(frame).rewards, runtime.judge(darker).rewards
+    spread = same.max() - same.min()
+    assert np.abs(same - darkened).max() < 0.1 * spread
+    # appliance software that predates the white point would skip it: the dim golden frames catch that
+    skipped = {**manifest, "preprocessing": {**manifest["preprocessing"], "white_point": None}}
+    golden = json.loads((out / "golden" / "expected.json").read_text())
+    assert sum("exposure" in row["cell"] for row in golden) == len(golden) // 2
+    assert not ModelRuntime(out, skipped).golden_check().ok
+
+
+def test_export_derives_thresholds_for_every_views_setting_and_each_station_uses_its_own(tiny_bundle):
+    """A station averaging two views is more confident than one judging the frame once: export
+    calibrates a threshold set per `views` setting, the runtime and the eval take the station's."""
+    from appliance.decide import Thresholds
+    from appliance.runtime import ModelRuntime
+    from export.decide_stats import catalog_outputs
+    from export.evaluate_bundle import operator_metrics
+    from models.catalog import load_catalog
+    from models.preprocess import VIEWS, PreprocessSpec, TextTokenizer
+    from training.data.batches import elpv_set
+    out, _, manifest = tiny_bundle
+    by_views = manifest["thresholds"]["by_views"]
+    assert set(by_views) == set(VIEWS) - {"one"}
+    for views, values in by_views.items():
+        assert {"p_best", "ood_distance", "image_reliance"} <= set(values)
+        assert ModelRuntime(out, manifest, views=views).thresholds == Thresholds.from_manifest(values)
+    assert ModelRuntime(out, manifest).thresholds == Thresholds.from_manifest(manifest["thresholds"])
+    # the eval reads the set of the views it judges with: make only upright2's flag everything
+    strict = {**manifest, "thresholds": {**manifest["thresholds"],
+                                         "by_views": {**by_views, "upright2": {**by_views["upright2"], "p_best": 1.01}}}}
+    spec = PreprocessSpec.from_dict(manifest["preprocessing"])
+    data = elpv_set("val", spec.image_size, limit=12)
+    catalog = load_catalog(out / "catalog.yaml")
+    tokenizer = TextTokenizer(out / "tokenizer.json", spec.max_tokens)
+    outputs = catalog_outputs(OnnxBackend(out), tokenizer, spec, data.images, catalog, "upright2")
+    assert operator_metrics(strict, catalog, *outputs, data.levels, views="upright2")["flag_rate"] == 1
+    assert operator_metrics(strict, catalog, *outputs, data.levels, views="one") == \
+        operator_metrics(manifest, catalog, *outputs, data.levels, views="one")

@@ -61,11 +61,11 @@ def main(split: str, bundle: Path = BUNDLE) -> dict:
         outputs = [verify.backend_outputs(backend, tokenizer, spec, np.stack([view(g) for g in data.images]),
                                           catalog.displays) for view in views]
         patches, rewards = outputs[0][0], np.mean([r for _, r in outputs], axis=0)
-        curve = escape_curve(manifest, catalog, patches, rewards, blank, data.levels)
+        curve = escape_curve(manifest, catalog, patches, rewards, blank, data.levels, views=name)
         m = elpv_metrics(rewards, data)[0]
         out["views"][name] = {"elpv_binary_accuracy": m["elpv_binary_accuracy"],
                               "elpv_level_accuracy": m["elpv_level_accuracy"],
-                              **operator_metrics(manifest, catalog, patches, rewards, blank, data.levels),
+                              **operator_metrics(manifest, catalog, patches, rewards, blank, data.levels, views=name),
                               "escapes_at_most_25pct_flagged": min([p["defective_escape_rate"] for p in curve["points"]
                                                                     if p["flag_rate"] <= 0.25], default=None),
                               "escape_curve": curve["points"]}
