@@ -10,9 +10,11 @@ All three run the bundle's graphs through a ScoringBackend, as `evaluate_bundle`
 * no part in view: all-black, all-white, flat grey and noise frames through the appliance's own
   decide step; each must be flagged (never an unflagged verdict), and the model's bare verdict
   on it is reported too;
-* outside phrasings (training/data/outside_phrasings.yaml): the ELPV frames scored against each
-  column of those texts instead of the catalog's display texts; binary accuracy beside the
-  catalog's.
+* outside phrasings: the ELPV frames scored against each column of those texts instead of the
+  catalog's display texts; binary accuracy beside the catalog's. Two sets: the first
+  (training/data/outside_phrasings.yaml) was seen by whoever wrote the training phrasings
+  (training/data/elpv_phrasings.py); the second (outside_phrasings_unseen.yaml) was written
+  without sight of the catalog, the training phrasings or the first set.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from export.decide_stats import catalog_defective
 from training.metrics import elpv_metrics
 
 OUTSIDE_PHRASINGS = Path(__file__).resolve().parents[1] / "training" / "data" / "outside_phrasings.yaml"
+OUTSIDE_PHRASINGS_UNSEEN = OUTSIDE_PHRASINGS.with_name("outside_phrasings_unseen.yaml")
 
 
 def _jpeg(gray: np.ndarray, quality: int = 40) -> np.ndarray:
@@ -86,7 +89,7 @@ def camera_variation_metrics(backend, tokenizer, spec, data, catalog, base_rewar
 def no_part_metrics(backend, tokenizer, spec, catalog, manifest: dict, blank: np.ndarray,
                     views: str = "one") -> dict:
     """`blank`: the catalog's rewards on the blank frame (the image-reliance check), as on the appliance."""
-    thresholds = decide.Thresholds.from_manifest(manifest["thresholds"])
+    thresholds = decide.Thresholds.from_manifest(decide.manifest_thresholds(manifest, views))
     defective = list(catalog_defective(catalog))
     out = {}
     for name, frame in no_part_frames(spec.image_size).items():
@@ -112,9 +115,9 @@ def load_outside_phrasings(catalog, path: Path = OUTSIDE_PHRASINGS) -> list[list
 
 
 def outside_phrasing_metrics(backend, tokenizer, spec, data, catalog, catalog_binary: float,
-                             views: str = "one") -> dict:
+                             views: str = "one", path: Path = OUTSIDE_PHRASINGS) -> dict:
     per_column = []
-    for texts in load_outside_phrasings(catalog):
+    for texts in load_outside_phrasings(catalog, path):
         _, rewards = verify.backend_outputs(backend, tokenizer, spec, data.images, texts, views=views)
         per_column.append(elpv_metrics(rewards, data)[0]["elpv_binary_accuracy"])
     mean = float(np.mean(per_column))
@@ -131,4 +134,6 @@ def robustness_metrics(backend, tokenizer, spec, data, catalog, manifest: dict, 
                                                           views),
             "no_part_in_view": no_part_metrics(backend, tokenizer, spec, catalog, manifest, blank, views),
             "outside_phrasings": outside_phrasing_metrics(backend, tokenizer, spec, data, catalog, catalog_binary,
-                                                          views)}
+                                                          views),
+            "outside_phrasings_unseen": outside_phrasing_metrics(backend, tokenizer, spec, data, catalog,
+                                                                 catalog_binary, views, OUTSIDE_PHRASINGS_UNSEEN)}

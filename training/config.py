@@ -15,6 +15,7 @@ SELECT_BY = {"pairwise": "val_pairwise_accuracy", "elpv_binary": "val_elpv_binar
              "level_head": "val_level_head_binary_accuracy"}
 FLEET_STAGES = ("fleet", "distill")   # `linejudge hq retrain` configs: exactly these, in order
 ELPV_TYPES = ("mono", "poly")
+ADDED_LATER = (("teacher", "white_point"), ("student", "white_point"), ("data", "elpv_phrasings"))
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class DataConfig:
     text_pairs: int = 2000
     quarter_turns: bool = False           # ELPV training frames also turned by random quarter turns
     camera_changes: bool = False          # ELPV training frames also exposed, blurred or JPEG-compressed at random
+    elpv_phrasings: float = 0.0           # share of ELPV training texts composed from the facts (training/data/elpv_phrasings.py)
 
     def __post_init__(self):
         _flag("data", "use_elpv", self.use_elpv)
@@ -42,6 +44,7 @@ class DataConfig:
         _whole("data", "synthetic_train", self.synthetic_train, 0, 1200)
         _whole("data", "synthetic_val", self.synthetic_val, 1 if self.synthetic_train else 0, 300)
         _number("data", "synthetic_on_elpv_fraction", self.synthetic_on_elpv_fraction, 0.0, 1.0, 0.5)
+        _number("data", "elpv_phrasings", self.elpv_phrasings, 0.0, 1.0, 0.5)
         _whole("data", "text_pairs", self.text_pairs, 1, 2000)
         if not is_whole(self.synthetic_negatives) or not 1 <= self.synthetic_negatives <= 16:
             raise ConfigError("data.synthetic_negatives must be between 1 and 16 "
@@ -154,7 +157,14 @@ class TrainConfig:
                                   f"stage and level_loss: they train the model's level heads")
 
     def hash(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
+        """Identifies the recipe of a run directory (a run of another recipe is refused there).
+        Settings added since 2026-12-07 count only when set, so the runs and cross-validations
+        made before them keep their hash and can be resumed."""
+        data = asdict(self)
+        for section, key in ADDED_LATER:
+            if data[section][key] == 0:
+                del data[section][key]
+        blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict:

@@ -35,6 +35,7 @@ MULTIMODAL = "stages: [{name: multimodal}]\n"
     ("data: {synthetic_train: -1}\n" + MULTIMODAL, "synthetic_train", "synthetic_train: 1200"),
     ("data: {synthetic_val: 0}\n" + MULTIMODAL, "synthetic_val", ">= 1"),
     ("data: {synthetic_on_elpv_fraction: 3}\n" + MULTIMODAL, "synthetic_on_elpv_fraction", "between 0 and 1"),
+    ("data: {elpv_phrasings: 1.5}\n" + MULTIMODAL, "elpv_phrasings", "between 0 and 1"),
     ("data: {synthetic_negatives: three}\n" + MULTIMODAL, "synthetic_negatives", "synthetic_negatives: 3"),
     ("data: {use_elpv: 'yes'}\n" + MULTIMODAL, "use_elpv", "true or false"),
     ("data: {text_pairs: 0}\n" + TEXT, "text_pairs", "text_pairs: 2000"),
@@ -74,3 +75,12 @@ def test_valid_edge_values_still_load(tmp_path, text):
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_loads(path):
     assert load_config(path).stages
+
+
+def test_settings_added_later_leave_the_hash_of_older_recipes_alone():
+    """classify-224-avx2 (reports/ablation) was cross-validated before white_point and elpv_phrasings
+    existed: its run directories must still be recognised as the same recipe (resume, cv reuse)."""
+    from dataclasses import replace
+    cfg = load_config(CONFIGS / "ablation" / "classify-224.yaml")
+    assert cfg.hash() == "f5a81efec18a5d55"
+    assert replace(cfg, data=replace(cfg.data, elpv_phrasings=0.5)).hash() != cfg.hash()

@@ -111,9 +111,10 @@ def test_bundle_eval_reports_camera_variations_no_part_frames_and_outside_phrasi
     no_part = robust["no_part_in_view"]
     assert set(no_part) == set(no_part_frames(64))
     assert all(m["flagged"] and m["reason"].startswith("no part in view") for m in no_part.values()), no_part
-    outside = robust["outside_phrasings"]
-    assert len(outside["per_column"]) == 4 and 0 <= outside["elpv_binary_accuracy"] <= 1
-    assert outside["catalog_elpv_binary_accuracy"] == pytest.approx(both["elpv_binary_accuracy"])
+    for key, columns in (("outside_phrasings", 4), ("outside_phrasings_unseen", 6)):
+        outside = robust[key]
+        assert len(outside["per_column"]) == columns and 0 <= outside["elpv_binary_accuracy"] <= 1
+        assert outside["catalog_elpv_binary_accuracy"] == pytest.approx(both["elpv_binary_accuracy"])
 
 
 def test_quarter_turns_and_exposure_change_the_frame_not_its_shape():

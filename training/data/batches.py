@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from models.catalog import Catalog, load_catalog, CATALOG_DIR
-from training.data import elpv, synthetic
+from training.data import elpv, elpv_phrasings, synthetic
 
 EL_CATALOG = CATALOG_DIR / "el_solar.yaml"
 TYPES = ("mono", "poly")
@@ -39,6 +39,8 @@ class CandidateSet:
     flippable = True                # synthetic frames are not: a flip moves the defect
     quarter_turns = False           # also turn by a random multiple of 90 degrees (data.quarter_turns)
     camera_changes = False          # also one random change a camera makes (data.camera_changes)
+    phrasings = 0.0                 # share of training texts composed from the facts (data.elpv_phrasings)
+    phrasing_pool = None            # (level, cell type) -> phrasings drawn from (elpv_phrasings.pool)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -82,11 +84,21 @@ class ElpvSet(CandidateSet):
         """A catalog entry of ELPV states no fact of a rendered defect."""
         return np.broadcast_to(np.array(synthetic.FACT_CLASSES, np.int64), (len(idx), c, 3)).copy()
 
+    def use_phrasings(self, share: float, seed: int) -> None:
+        """Draw `share` of the training texts from phrasings composed from the entries' facts."""
+        self.phrasings = share
+        self.phrasing_pool = elpv_phrasings.pool(seed) if share else None
+
     def texts(self, i, rng, heldout=False, display=False):
-        """The right entry first, then every other entry, one phrasing each."""
+        """The right entry first, then every other entry, one phrasing each: a catalog text, or
+        with probability `phrasings` (training only) one composed from the entry's facts."""
         out = []
         for j in self.order(i):
             entry = self.catalog.entries[j]
+            if self.phrasings and not (heldout or display) and rng.random() < self.phrasings:
+                pool = self.phrasing_pool[(round(entry.facts["level"] * 3), entry.facts["type"])]
+                out.append(pool[rng.integers(len(pool))])
+                continue
             pool = entry.heldout if heldout else (entry.texts[:1] if display else entry.texts)
             out.append(pool[rng.integers(len(pool))])
         return out
