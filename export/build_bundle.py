@@ -33,6 +33,7 @@ from training.data.batches import EL_CATALOG, elpv_set, synthetic_set
 from training.metrics import pair_correct, right_first
 
 GOLDEN_FRAMES = 8
+DIM_GOLDEN_GAIN = 0.5        # with a white point, the golden frames again at this exposure
 CALIBRATION_FRAMES = 320
 
 
@@ -220,9 +221,6 @@ def _requantized_manifest(old: dict, out: Path, opts: ExportOptions) -> dict:
 def input_spec(spec: PreprocessSpec) -> dict:
     return {"image": [1, spec.image_size, spec.image_size], "dtype": "float32",
             "max_tokens": spec.max_tokens}
-
-
-DIM_GOLDEN_GAIN = 0.5
 
 
 def _golden_indices(val) -> np.ndarray:

@@ -39,8 +39,6 @@ class CandidateSet:
     flippable = True                # synthetic frames are not: a flip moves the defect
     quarter_turns = False           # also turn by a random multiple of 90 degrees (data.quarter_turns)
     camera_changes = False          # also one random change a camera makes (data.camera_changes)
-    phrasings = 0.0                 # share of training texts composed from the facts (data.elpv_phrasings)
-    phrasing_pool = None            # (level, cell type) -> phrasings drawn from (elpv_phrasings.pool)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -67,6 +65,8 @@ class ElpvSet(CandidateSet):
     levels: np.ndarray = None       # (N,) 0..3
     types: list[str] = None
     catalog: Catalog = None
+    phrasings = 0.0                 # share of training texts composed from the facts (data.elpv_phrasings)
+    phrasing_pool = None            # (level, cell type) -> phrasings drawn from (elpv_phrasings.pool)
 
     def truth(self, i: int) -> int:
         return entry_index(self.catalog, int(self.levels[i]), self.types[i])
@@ -97,9 +97,8 @@ class ElpvSet(CandidateSet):
             entry = self.catalog.entries[j]
             if self.phrasings and not (heldout or display) and rng.random() < self.phrasings:
                 pool = self.phrasing_pool[(round(entry.facts["level"] * 3), entry.facts["type"])]
-                out.append(pool[rng.integers(len(pool))])
-                continue
-            pool = entry.heldout if heldout else (entry.texts[:1] if display else entry.texts)
+            else:
+                pool = entry.heldout if heldout else (entry.texts[:1] if display else entry.texts)
             out.append(pool[rng.integers(len(pool))])
         return out
 
