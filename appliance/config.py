@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from appliance.decide import OPTIONAL_THRESHOLDS, THRESHOLD_NAMES
+from appliance.decide import FLAG_BUDGETS, OPTIONAL_THRESHOLDS, THRESHOLD_NAMES
 from appliance.reject_signal import RejectSignalConfig, reject_signal_from_dict
 from appliance.review_budget import ReviewPolicy, policy_from_dict
 from models.common import is_number, is_whole, read_yaml
@@ -40,6 +40,8 @@ class ApplianceConfig:
                                             # "upright2": rewards of that and its half turn averaged;
                                             # "rot4": rewards averaged over the frame's four quarter turns
     thresholds: dict = field(default_factory=dict)   # overrides of the manifest's defaults
+    flag_budget: float | None = None        # share of parts the operator can review, e.g. 0.25: the
+                                            # bundle's p_best and p_defect derived for it (fewest escapes)
     host: str = "127.0.0.1"
     port: int = 7860
     save_frames: bool = True
@@ -71,6 +73,7 @@ class ApplianceConfig:
                               f"{self.on_golden_failure!r}: fp32 inspects with the bundle's fp32 graphs when "
                               "its INT8 graphs fail the golden-set check, refuse stops the appliance")
         self._check_thresholds()
+        self._check_flag_budget()
         self._check_storage()
         self._check_types()
         self._check_sync()
@@ -90,6 +93,16 @@ class ApplianceConfig:
             if not is_number(value) or value < 0 or (name in PROBABILITY_THRESHOLDS and value > 1):
                 limits = "between 0 and 1" if name in PROBABILITY_THRESHOLDS else "0 or more"
                 raise ConfigError(f"thresholds: {name} must be a number {limits}, not {value!r}")
+
+    def _check_flag_budget(self) -> None:
+        if self.flag_budget is not None:
+            if not is_number(self.flag_budget) or self.flag_budget not in FLAG_BUDGETS:
+                raise ConfigError(f"flag_budget is the share of parts the operator can review, one of "
+                                  f"{', '.join(str(b) for b in FLAG_BUDGETS)} (or left out), not {self.flag_budget!r}")
+            both = sorted({"p_best", "p_defect"} & set(self.thresholds))
+            if both:
+                raise ConfigError(f"flag_budget chooses p_best and p_defect for the budget; remove {', '.join(both)} "
+                                  f"from thresholds, or remove flag_budget to set them yourself")
 
     def _check_storage(self) -> None:
         for name in ("frame_budget_mb", "retention_days"):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.errors import ModelError
+
 
 THRESHOLD_NAMES = ("p_best", "ood_distance", "image_reliance", "p_defect", "p_best_free_text")
 OPTIONAL_THRESHOLDS = ("p_defect", "p_best_free_text")
@@ -49,12 +51,35 @@ class Thresholds:
         return cls(**values)
 
 
-def manifest_thresholds(manifest: dict, views: str = "one") -> dict:
+# Shares of parts a station may send to its operator (appliance config `flag_budget`): for each,
+# export chooses p_best and p_defect together on val so that the fewest defective cells escape
+# while at most that share is flagged (export/decide_stats.budget_thresholds).
+FLAG_BUDGETS = (0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40)
+
+
+def budget_key(budget: float) -> str:
+    return f"{budget:.2f}"
+
+
+def manifest_thresholds(manifest: dict, views: str = "one", flag_budget: float | None = None) -> dict:
     """The bundle's thresholds for a station judging `views` (models.preprocess.VIEWS): export
     derives a set per views setting on val (`thresholds["by_views"]`); bundles exported before
-    2026-12-07 carry one set, derived on the frame as it is, used for every setting."""
+    2026-12-07 carry one set, derived on the frame as it is, used for every setting. With a
+    `flag_budget` (one of FLAG_BUDGETS), p_best and p_defect are the ones derived for it."""
     thresholds = manifest.get("thresholds", {})
-    return thresholds.get("by_views", {}).get(views, thresholds)
+    chosen = thresholds.get("by_views", {}).get(views, thresholds)
+    if flag_budget is None:
+        return chosen
+    budgets = chosen.get("budgets")
+    if not budgets:
+        raise ModelError(f"bundle v{manifest.get('version')} carries no thresholds per flag budget (exported "
+                         f"before flag budgets existed): remove flag_budget from the config, or re-derive its "
+                         f"thresholds with `linejudge bundle recalibrate` at HQ")
+    picked = budgets.get(budget_key(flag_budget))
+    if picked is None:
+        raise ModelError(f"bundle v{manifest.get('version')} has no thresholds for flag_budget {flag_budget}; "
+                         f"it has {', '.join(sorted(budgets))}")
+    return {**chosen, "p_best": picked["p_best"], "p_defect": picked["p_defect"]}
 
 
 @dataclass(frozen=True)

@@ -52,12 +52,13 @@ class ModelRuntime:
     def __init__(self, bundle_dir: Path, manifest: dict, backend: str = "onnxruntime",
                  providers: tuple[str, ...] = ("cpu",), allow_fallback: bool = False,
                  thresholds: dict | None = None, threads: int | None = None, int8: bool = True,
-                 views: str = "one", cache_dir: Path | None = None):
+                 views: str = "one", cache_dir: Path | None = None, flag_budget: float | None = None):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.version = int(manifest["version"])
         self.spec = PreprocessSpec.from_dict(manifest["preprocessing"])
-        self.thresholds = Thresholds.from_manifest(manifest_thresholds(manifest, views), **(thresholds or {}))
+        self.thresholds = Thresholds.from_manifest(manifest_thresholds(manifest, views, flag_budget),
+                                                   **(thresholds or {}))
         self.ood = manifest["ood"]
         self.backend = open_backend(self.bundle_dir, backend, providers, allow_fallback, int8=int8, threads=threads,
                                     cache_dir=cache_dir)
@@ -174,7 +175,7 @@ class ModelRuntime:
         """A runtime for a verified bundle with an ApplianceConfig's backend, providers and thresholds."""
         return cls(bundle_dir, manifest, cfg.backend, cfg.providers, cfg.allow_provider_fallback,
                    cfg.thresholds, scoring_threads(cfg.threads), int8=int8, views=cfg.views,
-                   cache_dir=Path(cfg.state_dir) / "engine-cache" / f"v{manifest['version']}")
+                   cache_dir=Path(cfg.state_dir) / "engine-cache" / f"v{manifest['version']}", flag_budget=cfg.flag_budget)
 
     def golden_check(self) -> "GoldenReport":
         """Re-judge the bundle's golden frames and compare with the rewards recorded at export

@@ -57,6 +57,7 @@ def _thresholds(patches, rewards, blank, ood: dict, val, catalog) -> dict:
     other = (distances > thresholds["ood_distance"]) | (reliance < thresholds["image_reliance"])
     chance = np.array([decide.p_defect(r, defective) for r in rewards])
     thresholds.update(joint_thresholds(confidence, chance, called, truth, other, p_threshold))
+    thresholds["budgets"] = budget_thresholds(confidence, chance, called, truth, other, p_threshold)
     return thresholds
 
 
@@ -80,31 +81,72 @@ def flag_outcomes(called: np.ndarray, truth: np.ndarray, flagged: np.ndarray) ->
             "functional_false_alarm_rate": float((~truth & called & passed).sum() / max((~truth).sum(), 1))}
 
 
-def joint_thresholds(confidence, chance, called, truth, other_flags, p_best_alone: float) -> dict:
+def joint_thresholds(confidence, chance, called, truth, other_flags, p_best_alone: float,
+                     max_flag_rate: float = MAX_FLAG_RATE_WITH_DEFECTS) -> dict:
     """Choose `p_defect` and `p_best` together: the fewest defective cells escaping while every
-    reason together flags at most 40 % of frames; ties go to fewer flags, then to the more
-    accurate unflagged verdicts, then to the higher `p_best`. `p_best` never rises above its own
-    calibration, which stays in force for free-text verdicts (`p_best_free_text`: no facts, so
-    no possible-defect check). On the shipped bundle a possible-defect flag catches a missed
-    defect far more often than a low-confidence one. {"p_defect": None} when nothing fits."""
-    best = None
-    for p_best in np.unique(np.r_[0.5, np.round(confidence[confidence < p_best_alone], 3), p_best_alone]):
-        low = other_flags | (confidence < p_best)
-        for p_defect in np.unique(np.round(chance[~called], 3)):
-            outcome = flag_outcomes(called, truth, low | (~called & (chance >= p_defect)))
-            if outcome["flag_rate"] > MAX_FLAG_RATE_WITH_DEFECTS:
-                continue
-            key = (-outcome["defective_escape_rate"], -outcome["flag_rate"],
-                   outcome["unflagged_binary_accuracy"] or 0.0, p_best)
-            if best is None or key > best[0]:
-                best = (key, float(p_best), float(p_defect), outcome)
+    reason together flags at most `max_flag_rate` of frames (40 %); ties go to fewer flags, then to
+    the more accurate unflagged verdicts, then to the higher `p_best`, then to the lower `p_defect`.
+    `p_best` never rises above its own calibration, which stays in force for free-text verdicts
+    (`p_best_free_text`: no facts, so no possible-defect check). On the shipped bundle a
+    possible-defect flag catches a missed defect far more often than a low-confidence one.
+    p_defect None: no possible-defect check (it would catch nothing here); {"p_defect": None}
+    alone when nothing fits."""
+    grid = threshold_grid(confidence, chance, called, truth, other_flags, p_best_alone)
+    best = _best_within(grid, max_flag_rate)
     if best is None:
         return {"p_defect": None}
-    _, p_best, p_defect, outcome = best
-    return {"p_best_free_text": float(p_best_alone), "p_best": p_best, "p_defect": p_defect,
-            "val_flag_rate_all_reasons": outcome["flag_rate"],
-            "val_accuracy_unflagged_all_reasons": outcome["unflagged_binary_accuracy"],
-            "val_defective_escape_rate": outcome["defective_escape_rate"]}
+    return {"p_best_free_text": float(p_best_alone), "p_best": best["p_best"], "p_defect": best["p_defect"],
+            "val_flag_rate_all_reasons": best["flag_rate"],
+            "val_accuracy_unflagged_all_reasons": best["unflagged_binary_accuracy"],
+            "val_defective_escape_rate": best["defective_escape_rate"]}
+
+
+def budget_thresholds(confidence, chance, called, truth, other_flags, p_best_alone: float) -> dict:
+    """For each flag budget (decide.FLAG_BUDGETS, keyed "0.25"): the p_best and p_defect that let
+    the fewest defective cells escape on val with at most that share flagged, and what val saw.
+    Budgets the other reasons alone already exceed are left out."""
+    grid = threshold_grid(confidence, chance, called, truth, other_flags, p_best_alone)
+    budgets = {}
+    for budget in decide.FLAG_BUDGETS:
+        best = _best_within(grid, budget)
+        if best is not None:
+            budgets[decide.budget_key(budget)] = {
+                "p_best": best["p_best"], "p_defect": best["p_defect"], "val_flag_rate": best["flag_rate"],
+                "val_defective_escape_rate": best["defective_escape_rate"]}
+    return budgets
+
+
+def threshold_grid(confidence, chance, called, truth, other_flags, p_best_alone: float) -> dict:
+    """Every candidate pair (p_best up to its own calibration, p_defect at each missed-looking
+    frame's chance, or inf: no possible-defect check) with what it does on these frames: arrays
+    of equal length."""
+    p_bests = np.unique(np.r_[0.5, np.round(confidence[confidence < p_best_alone], 3), p_best_alone])
+    p_defects = np.r_[np.unique(np.round(chance[~called], 3)), np.inf]
+    pb, pd = (a.ravel() for a in np.meshgrid(p_bests, p_defects, indexing="ij"))
+    flagged = other_flags | (confidence < pb[:, None]) | (~called & (chance >= pd[:, None]))
+    passed, right, n_defective = ~flagged, called == truth, max(truth.sum(), 1)
+    kept = passed.sum(1)
+    return {"p_best": pb, "p_defect": pd, "flag_rate": flagged.mean(1),
+            "defective_escape_rate": (truth & ~called & passed).sum(1) / n_defective,
+            "unflagged_binary_accuracy": np.where(kept > 0, (right & passed).sum(1) / np.maximum(kept, 1), np.nan)}
+
+
+def _best_within(grid: dict, max_flag_rate: float) -> dict | None:
+    """The grid row with the fewest escapes within the flag budget (ties as in joint_thresholds)."""
+    fits = np.flatnonzero(grid["flag_rate"] <= max_flag_rate)
+    if not len(fits):
+        return None
+    accuracy = np.nan_to_num(grid["unflagged_binary_accuracy"][fits], nan=0.0)
+    # np.lexsort sorts by the last key first; every key ascending, so the best row comes first
+    order = np.lexsort((grid["p_defect"][fits], -grid["p_best"][fits], -accuracy,
+                        grid["flag_rate"][fits], grid["defective_escape_rate"][fits]))
+    row = fits[order[0]]
+    accuracy = grid["unflagged_binary_accuracy"][row]
+    p_defect = float(grid["p_defect"][row])
+    return {"p_best": float(grid["p_best"][row]), "p_defect": p_defect if np.isfinite(p_defect) else None,
+            "flag_rate": float(grid["flag_rate"][row]),
+            "defective_escape_rate": float(grid["defective_escape_rate"][row]),
+            "unflagged_binary_accuracy": None if np.isnan(accuracy) else float(accuracy)}
 
 
 def _p_best_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:

@@ -132,14 +132,16 @@ def backend_set_scorer(backend, tokenizer: TextTokenizer, spec: PreprocessSpec, 
 
 
 def operator_metrics(manifest: dict, catalog, patches, rewards, blank, levels, *, views: str = "one",
-                     **overrides) -> dict:
+                     flag_budget: float | None = None, **overrides) -> dict:
     """The line's view with the bundle's flag thresholds (overrides as on the appliance): the
     share of frames flagged for review, the binary accuracy of the verdicts that are not, and
     the defective cells that pass unflagged with a defect-free verdict (escapes) — the
     number a quality engineer cares about. The verdict is the top catalog entry, as on the
     appliance (elpv_binary_accuracy sums p over the defective entries instead); the thresholds
-    are the bundle's for a station with this `views` setting, as the appliance picks them."""
-    thresholds = decide.Thresholds.from_manifest(decide.manifest_thresholds(manifest, views), **overrides)
+    are the bundle's for a station with this `views` setting (and `flag_budget`), as the appliance
+    picks them."""
+    thresholds = decide.Thresholds.from_manifest(decide.manifest_thresholds(manifest, views, flag_budget),
+                                                 **overrides)
     defective = catalog_defective(catalog)
     flagged = np.array([decide.decide(catalog.displays, r, blank, p, thresholds, manifest["ood"], list(defective)).flagged
                         for r, p in zip(rewards, patches)])
@@ -157,9 +159,22 @@ def escape_curve(manifest: dict, catalog, patches, rewards, blank, levels, *, st
         points.append({"p_defect": round(float(p), 4), "flag_rate": outcome["flag_rate"],
                        "defective_escape_rate": outcome["defective_escape_rate"]})
     chosen = operator_metrics(manifest, catalog, patches, rewards, blank, levels, views=views)
-    return {"points": points, "chosen": {"p_defect": decide.manifest_thresholds(manifest, views).get("p_defect"),
-                                         "flag_rate": chosen["flag_rate"],
-                                         "defective_escape_rate": chosen["defective_escape_rate"]}}
+    return {"points": points, "budgets": budget_points(manifest, catalog, patches, rewards, blank, levels, views),
+            "chosen": {"p_defect": decide.manifest_thresholds(manifest, views).get("p_defect"),
+                       "flag_rate": chosen["flag_rate"], "defective_escape_rate": chosen["defective_escape_rate"]}}
+
+
+def budget_points(manifest: dict, catalog, patches, rewards, blank, levels, views: str) -> list[dict]:
+    """What each flag budget's thresholds (chosen on val at export, `flag_budget` in the appliance
+    config) do on these frames; [] for a bundle exported before flag budgets."""
+    budgets = decide.manifest_thresholds(manifest, views).get("budgets") or {}
+    points = []
+    for key in sorted(budgets):
+        outcome = operator_metrics(manifest, catalog, patches, rewards, blank, levels, views=views,
+                                   flag_budget=float(key))
+        points.append({"flag_budget": float(key), **{k: budgets[key][k] for k in ("p_best", "p_defect")},
+                       "flag_rate": outcome["flag_rate"], "defective_escape_rate": outcome["defective_escape_rate"]})
+    return points
 
 
 def plot_escape_curve(curve: dict, path: Path, title: str) -> Path:
@@ -169,7 +184,10 @@ def plot_escape_curve(curve: dict, path: Path, title: str) -> Path:
     flags = [100 * p["flag_rate"] for p in curve["points"]]
     escapes = [100 * p["defective_escape_rate"] for p in curve["points"]]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot(flags, escapes, marker=".", label="p_defect from 0.02 to 0.98")
+    ax.plot(flags, escapes, marker=".", label="p_defect from 0.02 to 0.98 (p_best as the bundle's)")
+    if curve.get("budgets"):
+        ax.plot([100 * p["flag_rate"] for p in curve["budgets"]], [100 * p["defective_escape_rate"] for p in curve["budgets"]],
+                marker="s", color="darkgreen", label="flag_budget 0.10-0.40 (p_best, p_defect chosen on val)")
     chosen = curve["chosen"]
     ax.plot([100 * chosen["flag_rate"]], [100 * chosen["defective_escape_rate"]], "o", color="crimson",
             markersize=9, label=f"this bundle (p_defect {chosen['p_defect']})")
@@ -205,6 +223,9 @@ def evaluate_bundle_cli(args) -> int:
               f"{agree['synthetic_top1_agreement']:.4f} (synthetic sets)")
     for k in OPERATOR_KEYS:
         print(f"{k:28s} {flat} {metrics[k]:.4f}" if metrics[k] is not None else f"{k:28s} {flat} -")
+    for point in metrics["escape_curve"]["budgets"]:
+        print(f"{'flag_budget ' + format(point['flag_budget'], '.2f'):28s} {flat} flagged {point['flag_rate']:.4f}, "
+              f"escapes {point['defective_escape_rate']:.4f}")
     print_robustness(metrics["robustness"], flat)
     plot = plot_escape_curve(metrics["escape_curve"], out.with_name(out.stem + "_escapes.png"),
                              f"bundle v{metrics['model_version']} on {metrics['split']} ({flat} graphs, "

@@ -31,6 +31,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "appliance.example.y
     ("{hq_url: 'http://hq', commit_after_inspections: 100, max_fps: 1, commit_timeout_s: 60}",
      "raise commit_timeout_s"),                             # 100 frames at 1 fps take 100 s > 60 s
     ("thresholds: {p_best: null}", "remove the line to use the bundle's value"),
+    ("flag_budget: 0.33", "flag_budget is the share of parts the operator can review, one of 0.1, 0.15"),
+    ("flag_budget: 25%", "flag_budget is the share"),
+    ("{flag_budget: 0.25, thresholds: {p_defect: 0.2}}", "remove p_defect from thresholds, or remove flag_budget"),
 ])
 def test_bad_values_are_refused_with_the_fix(text, words):
     with pytest.raises(ConfigError, match=words):
@@ -43,6 +46,8 @@ def test_good_values_pass_and_null_turns_the_possible_defect_check_off():
         'operator_pins: {bob: "04711"}\nthreads: 2\nsource: "elpv:val"\nproviders: [cuda, cpu]'))
     assert cfg.operator_pins == {"bob": "04711"} and cfg.providers == ("cuda", "cpu")
     assert cfg.thresholds["p_defect"] is None
+    budget = config_from_dict(yaml.safe_load("flag_budget: 0.25\nthresholds: {ood_distance: 4}"))
+    assert budget.flag_budget == 0.25 and cfg.flag_budget is None
 
 
 def test_commit_timing_matters_only_with_in_process_sync():

@@ -1,5 +1,6 @@
 """The decide step: verdict, confidence and each flag reason."""
 import numpy as np
+import pytest
 
 from appliance.decide import Thresholds, decide, image_reliance, ood_distance, p_best, p_defect
 
@@ -134,3 +135,22 @@ def test_a_station_gets_the_thresholds_derived_for_its_views():
     old = {"thresholds": {"p_best": 0.8, "ood_distance": 3.0, "image_reliance": 0.05}}
     assert manifest_thresholds(old, "upright2") == old["thresholds"]
     assert Thresholds.from_manifest(manifest_thresholds(manifest, "upright2"), p_best=0.7).p_best == 0.7
+
+
+def test_a_flag_budget_takes_the_thresholds_derived_for_it_and_says_when_the_bundle_has_none():
+    from appliance.decide import manifest_thresholds
+    from models.errors import ModelError
+    budgets = {"0.20": {"p_best": 0.55, "p_defect": 0.3, "val_flag_rate": 0.19, "val_defective_escape_rate": 0.1},
+               "0.30": {"p_best": 0.6, "p_defect": 0.15, "val_flag_rate": 0.28, "val_defective_escape_rate": 0.07}}
+    views = {"p_best": 0.9, "p_defect": 0.2, "ood_distance": 3.0, "image_reliance": 0.05, "budgets": budgets}
+    manifest = {"version": 4, "thresholds": {"p_best": 0.8, "ood_distance": 3.0, "image_reliance": 0.05,
+                                             "by_views": {"upright2": views}}}
+    picked = manifest_thresholds(manifest, "upright2", 0.3)
+    assert (picked["p_best"], picked["p_defect"], picked["ood_distance"]) == (0.6, 0.15, 3.0)
+    assert manifest_thresholds(manifest, "upright2")["p_defect"] == 0.2          # no budget: the bundle's point
+    t = Thresholds.from_manifest(manifest_thresholds(manifest, "upright2", 0.2), ood_distance=5.0)
+    assert (t.p_best, t.p_defect, t.ood_distance) == (0.55, 0.3, 5.0)            # other overrides still apply
+    with pytest.raises(ModelError, match="has no thresholds for flag_budget 0.1; it has 0.20, 0.30"):
+        manifest_thresholds(manifest, "upright2", 0.1)
+    with pytest.raises(ModelError, match="no thresholds per flag budget.*remove flag_budget"):
+        manifest_thresholds(manifest, "one", 0.2)                                 # a set without budgets

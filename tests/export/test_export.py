@@ -190,6 +190,32 @@ def test_joint_thresholds_catch_the_most_missed_defects_within_the_flag_budget()
     assert everything_flagged == {"p_defect": None}
 
 
+def test_each_flag_budget_gets_the_thresholds_with_the_fewest_escapes_within_it():
+    """Twenty frames, eight defective, five of those called functional with falling chances of a
+    defect; the other reasons already flag one frame. A larger budget catches more missed defects."""
+    from appliance.decide import FLAG_BUDGETS
+    from export.decide_stats import budget_thresholds, joint_thresholds
+    truth = np.r_[np.zeros(12, bool), np.ones(8, bool)]
+    called = np.r_[np.zeros(12, bool), np.zeros(5, bool), np.ones(3, bool)]
+    chance = np.r_[np.linspace(0.01, 0.12, 12), [0.6, 0.45, 0.3, 0.25, 0.05], [0.9] * 3]
+    confidence = np.r_[np.full(11, 0.95), 0.58, np.full(8, 0.95)]
+    other = np.zeros(20, bool)
+    other[0] = True
+    budgets = budget_thresholds(confidence, chance, called, truth, other, p_best_alone=0.7)
+    assert list(budgets) == [f"{b:.2f}" for b in FLAG_BUDGETS]
+    assert [b["val_defective_escape_rate"] for b in budgets.values()] == [4 / 8, 3 / 8, 2 / 8] + [1 / 8] * 4
+    for key, b in budgets.items():
+        assert b["val_flag_rate"] <= float(key)
+    # 0.10: the other reason plus the likeliest missed defect; p_best rises as far as it can
+    # without adding a flag (the 0.58 frame is defect-free and called so)
+    assert budgets["0.10"] == {"p_best": 0.58, "p_defect": 0.6, "val_flag_rate": 0.1,
+                               "val_defective_escape_rate": 4 / 8}
+    # the 0.05 chance lies below every defect-free frame's 0.06-0.12: catching it costs 60 % of frames
+    assert budgets["0.25"]["p_defect"] == 0.25 and budgets["0.25"]["val_flag_rate"] == 0.25
+    assert joint_thresholds(confidence, chance, called, truth, other, 0.7)["p_defect"] == budgets["0.40"]["p_defect"]
+    assert budget_thresholds(confidence, chance, called, truth, np.ones(20, bool), 0.7) == {}
+
+
 def test_the_int8_gate_refuses_a_lost_verdict_even_when_the_pairs_still_agree():
     """The gate reads what the line sees: binary accuracy and the binary verdict, besides the pairs
     and a floor on the exact catalog entry."""
@@ -244,6 +270,9 @@ def test_export_derives_thresholds_for_every_views_setting_and_each_station_uses
         assert {"p_best", "ood_distance", "image_reliance"} <= set(values)
         assert ModelRuntime(out, manifest, views=views).thresholds == Thresholds.from_manifest(values)
     assert ModelRuntime(out, manifest).thresholds == Thresholds.from_manifest(manifest["thresholds"])
+    budget = by_views["upright2"]["budgets"]["0.20"]
+    station = ModelRuntime(out, manifest, views="upright2", flag_budget=0.2).thresholds
+    assert (station.p_best, station.p_defect) == (budget["p_best"], budget["p_defect"])
     # the eval reads the set of the views it judges with: make only upright2's flag everything
     strict = {**manifest, "thresholds": {**manifest["thresholds"],
                                          "by_views": {**by_views, "upright2": {**by_views["upright2"], "p_best": 1.01}}}}

@@ -84,6 +84,27 @@ def test_escape_curve_trades_flags_for_escapes_and_marks_the_bundles_point(both)
     assert curve["chosen"]["defective_escape_rate"] == both["defective_escape_rate"]
 
 
+def test_each_flag_budget_does_on_the_calibration_frames_what_export_recorded(tiny_bundle):
+    """Export chose p_best and p_defect per flag budget on the first 24 val cells; the eval of those
+    same cells, through the appliance's own decide step, flags and lets escape exactly as recorded."""
+    from export.evaluate_bundle import evaluate_bundle
+    bundle, _, manifest = tiny_bundle
+    for views in ("one", "upright2"):
+        recorded = decide_thresholds(manifest, views)["budgets"]
+        assert recorded, "export derives thresholds per flag budget"
+        points = evaluate_bundle(bundle, "val", limit=24, precision="int8", views=views)["escape_curve"]["budgets"]
+        assert [f"{p['flag_budget']:.2f}" for p in points] == sorted(recorded)
+        for p in points:
+            r = recorded[f"{p['flag_budget']:.2f}"]
+            assert (p["flag_rate"], p["defective_escape_rate"]) == (r["val_flag_rate"], r["val_defective_escape_rate"])
+            assert p["flag_rate"] <= p["flag_budget"]
+
+
+def decide_thresholds(manifest, views):
+    from appliance.decide import manifest_thresholds
+    return manifest_thresholds(manifest, views)
+
+
 def test_precision_is_refused_for_a_checkpoint(tiny_run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "linejudge_cli", "eval", "--model", str(tiny_run[0]),
                              "--precision", "int8", "--json", str(tmp_path / "eval.json")],
