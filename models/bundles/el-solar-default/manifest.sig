@@ -1,4 +1,4 @@
 {
-  "key_id": "hq-2026-12",
-  "signature": "LYrn56A5UGlAM7pcUrwWgmCSxAExBTDpYqMdwLUu6+SEw5vnQ4NI2Q6zpNPtsGbQUOHn0DeLF9cbOhP5F7mEDg=="
+  "key_id": "hq-2026-12-07",
+  "signature": "svg/aDcd43hA8dcCR9fyzDNruugbfstEFyjM4MdnfUTykQk/go4h+ViDpX3el3IlTV8/gMgSeiacJE75v725DQ=="
 }
