@@ -108,7 +108,9 @@ keys/$(KEY_ID).key:
 	mkdir -p models/keys && cp keys/$(KEY_ID).pub models/keys/$(KEY_ID).pub
 
 # Blocks 0 and 1 stay fp32: with 7-bit INT8 weights there the top-1 agreement gate fails
-# (block 0 INT8: 0.98 < 0.99; blocks 0-1 fp32: 0.9935 on val).
+# (block 0 INT8: 0.98 < 0.99; blocks 0-1 fp32: 0.9935 on val). The prefix /blocks.0/ also keeps
+# the scorer's fusion block fp32 (its MatMuls; manifest quantization.kept_fp32_nodes lists them);
+# the scorer's reward head and match projections are INT8.
 KEEP_FP32 := /blocks.0/ /blocks.1/
 # The shipped bundle's version: raise it with every new default bundle (appliances install only newer ones).
 BUNDLE_VERSION := 3

@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), default="minmax")
     p.add_argument("--calibration-frames", type=positive_int, default=320,
                    help="train frames the INT8 calibration sees")
-    p.add_argument("--keep-fp32", nargs="*", help="ONNX node names, or prefixes ending in '/' (e.g. /blocks.0/), to leave unquantized")
+    p.add_argument("--keep-fp32", nargs="*", help="ONNX node names, or prefixes ending in '/' (e.g. /blocks.0/), to leave unquantized; a prefix "
+                        "matches in the image encoder and the scorer alike (/blocks.0/: EfficientNet block 0 and the "
+                        "scorer's fusion block)")
     p.add_argument("--key", help="ed25519 private key to sign with")
     p.add_argument("--key-id", help="key id recorded in the signature (default: key file name)")
     p.add_argument("--val-limit", type=positive_int, help="use at most this many val frames (quick checks)")

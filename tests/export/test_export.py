@@ -133,6 +133,20 @@ def test_keep_fp32_takes_node_prefixes_and_leaves_those_nodes_in_float(tiny_bund
     assert later and all(n.input[1] in dequantized for n in later)        # the rest is INT8
 
 
+def test_the_manifest_lists_the_scorer_nodes_left_in_float_and_they_are(tiny_bundle):
+    """A --keep-fp32 prefix matches in both graphs, so the manifest names what the scorer kept."""
+    import onnx
+    out, _, manifest = tiny_bundle
+    kept = manifest["quantization"]["kept_fp32_nodes"]
+    assert kept["image_encoder"] >= 1 and kept["scorer"]                   # the stem; the reward head
+    graph = onnx.load(str(out / "scorer.int8.onnx")).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    nodes = {n.name: n for n in graph.node}
+    matmuls = [nodes[name] for name in kept["scorer"] if nodes[name].op_type == "MatMul"]
+    assert matmuls and all(not set(n.input) & dequantized for n in matmuls)
+    assert any(set(n.input) & dequantized for name, n in nodes.items() if n.op_type == "MatMul" and name not in kept["scorer"])
+
+
 def test_calibration_runs_in_chunks_that_divide_the_frames():
     from export.quantize import calibration_stride
     assert [calibration_stride(n) for n in (320, 300, 40, 7, 37)] == [32, 30, 20, 7, 1]
