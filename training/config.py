@@ -16,6 +16,7 @@ SELECT_BY = {"pairwise": "val_pairwise_accuracy", "elpv_binary": "val_elpv_binar
 FLEET_STAGES = ("fleet", "distill")   # `linejudge hq retrain` configs: exactly these, in order
 ELPV_TYPES = ("mono", "poly")
 ADDED_LATER = (("teacher", "white_point"), ("student", "white_point"), ("data", "elpv_phrasings"))
+STAGE_ADDED_LATER = ("level_ordinal",)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class StageConfig:
                                       # (synthetic frames' type, cell, severity from the patches)
     level_loss: float = 0.0           # multimodal/distill: weight of the ELPV level cross-entropy
                                       # (the model's level heads; needs model level_weight > 0)
+    level_ordinal: float = 0.0        # weight of the ordinal term on the image level head: binary
+                                      # cross-entropy of P(level >= k), k = 1..3 (k = 2: the binary verdict)
     freeze_trunk: bool = False        # multimodal/distill: the EfficientNet blocks keep their weights and
                                       # BatchNorm statistics (the classify stage's trunk, untouched by synthetic frames)
     max_steps_per_epoch: int | None = None
@@ -100,6 +103,7 @@ class StageConfig:
                               f"(the classify stage is what trains the trunk); leave it out here")
         _number(where, "fact_loss", self.fact_loss, 0.0, None, 0.5)
         _number(where, "level_loss", self.level_loss, 0.0, None, 0.5)
+        _number(where, "level_ordinal", self.level_ordinal, 0.0, None, 1.0)
         for key in ("fact_loss", "level_loss"):
             if getattr(self, key) and self.name in ("text", "classify"):
                 raise ConfigError(f"stage {self.name}: {key} is for the multimodal, distill and fleet stages "
@@ -164,6 +168,10 @@ class TrainConfig:
         for section, key in ADDED_LATER:
             if data[section][key] == 0:
                 del data[section][key]
+        for stage in data["stages"]:
+            for key in STAGE_ADDED_LATER:
+                if stage[key] == 0:
+                    del stage[key]
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -111,14 +111,26 @@ def _slot_loss(logits, labels: np.ndarray | None):
     return sum(F.cross_entropy(lg.flatten(0, -2), target[..., k].flatten()) for k, lg in enumerate(logits))
 
 
-def level_term(out, batch: TrainBatch, weight: float):
+def level_term(out, batch: TrainBatch, weight: float, ordinal: float = 0.0):
     """Cross-entropy of the image level head on the ELPV cells' levels and of the text level head
-    on the levels their candidate explanations state (free labels: the catalog's facts)."""
+    on the levels their candidate explanations state (free labels: the catalog's facts), plus
+    `ordinal` times the image head's ordinal term."""
     if not weight or batch.levels is None or out.image_levels is None:
         return 0.0
-    image = F.cross_entropy(out.image_levels, torch.from_numpy(batch.levels))
+    levels = torch.from_numpy(batch.levels)
+    image = F.cross_entropy(out.image_levels, levels)
     text = F.cross_entropy(out.text_levels.flatten(0, 1), torch.from_numpy(batch.text_levels).flatten())
-    return weight * (image + text)
+    return weight * (image + text) + (ordinal * ordinal_loss(out.image_levels, levels) if ordinal else 0.0)
+
+
+def ordinal_loss(level_logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The levels are ordered (0, 1/3, 2/3, 1 probability of a defect): binary cross-entropy of
+    P(level >= k) = the softmax mass from k up, for k = 1, 2, 3, so that "2/3 instead of 1" costs
+    less than "0 instead of 1"; the k = 2 term is the binary verdict's own loss."""
+    p = level_logits.softmax(-1)
+    at_least = p.flip(-1).cumsum(-1).flip(-1)[:, 1:].clamp(1e-6, 1 - 1e-6)     # (B, 3): P(>=1), P(>=2), P(>=3)
+    target = (levels[:, None] >= torch.arange(1, p.shape[-1], device=levels.device)).float()
+    return F.binary_cross_entropy(at_least, target)
 
 
 def pair_losses(r: torch.Tensor) -> torch.Tensor:
@@ -142,7 +154,7 @@ def classify_step(model, proxy, teacher, head, enc, stage: StageConfig, batch: T
     """Classifier first: the trunk and the level heads learn the ELPV levels alone (cross-entropy),
     before any preference pair shares the trunk with synthetic frames."""
     frames, texts, c = batch[:3]
-    return level_term(rewards(model, enc, frames, texts, c, with_patches=True), batch, 1.0)
+    return level_term(rewards(model, enc, frames, texts, c, with_patches=True), batch, 1.0, stage.level_ordinal)
 
 
 def multimodal_step(model, proxy, teacher, head, enc, stage: StageConfig, batch: TrainBatch):
@@ -156,7 +168,7 @@ def multimodal_step(model, proxy, teacher, head, enc, stage: StageConfig, batch:
     frames, texts, c = batch[:3]
     out = rewards(model, enc, frames, texts, c, with_patches=True)
     r_m, loss_m = out.rewards, pair_losses(out.rewards)
-    facts = fact_term(head, out, batch, stage) + level_term(out, batch, stage.level_loss)
+    facts = fact_term(head, out, batch, stage) + level_term(out, batch, stage.level_loss, stage.level_ordinal)
     if not stage.shortcut_weighting or proxy is None:
         return loss_m.mean() + stage.centring * centring(r_m) + facts
     r_t = rewards(proxy, enc, frames, texts, c, blank=True)
@@ -180,7 +192,7 @@ def distill_step(student, proxy, teacher, head, enc, stage: StageConfig, batch: 
     true_pairs = pair_losses(r_s).mean()
     return (stage.distill_alpha * (kl + 0.1 * scale) + (1 - stage.distill_alpha) * true_pairs
             + stage.centring * centring(r_s) + fact_term(head, out, batch, stage)
-            + level_term(out, batch, stage.level_loss))
+            + level_term(out, batch, stage.level_loss, stage.level_ordinal))
 
 
 # fleet: the multimodal loss on operator preference pairs mixed with replay of the base data

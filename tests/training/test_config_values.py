@@ -84,3 +84,19 @@ def test_settings_added_later_leave_the_hash_of_older_recipes_alone():
     cfg = load_config(CONFIGS / "ablation" / "classify-224.yaml")
     assert cfg.hash() == "f5a81efec18a5d55"
     assert replace(cfg, data=replace(cfg.data, elpv_phrasings=0.5)).hash() != cfg.hash()
+    ordinal = replace(cfg, stages=[replace(cfg.stages[0], level_ordinal=1.0)])
+    assert ordinal.hash() != cfg.hash()
+
+
+def test_the_ordinal_term_charges_a_near_miss_less_than_a_far_one():
+    """A fully defective cell (level 3): mass on 2/3 costs less than mass on 1/3, which costs less
+    than mass on 0 (plain cross-entropy charges all three the same)."""
+    import torch
+    from training.stages import ordinal_loss
+    levels = torch.tensor([3])
+    costs = [float(ordinal_loss(torch.eye(4)[[k]] * 20, levels)) for k in range(4)]
+    assert costs[3] < costs[2] < costs[1] < costs[0]
+    assert costs[1] - costs[2] == pytest.approx(costs[0] - costs[1], rel=1e-3)      # one step, one term
+    logits = torch.randn(8, 4, requires_grad=True)
+    ordinal_loss(logits, torch.tensor([0, 1, 2, 3] * 2)).backward()
+    assert logits.grad.abs().sum() > 0
