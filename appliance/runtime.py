@@ -15,7 +15,7 @@ from models.catalog import load_catalog, merge_candidates
 from appliance.decide import Decision, Thresholds, decide, manifest_thresholds
 from models.errors import ModelError
 from models.preprocess import (VIEWS, PreprocessSpec, TextTokenizer, blank_input, frame_problem, frame_to_input,
-                                 normalize, resize_gray, turn_upright, upright_quarter_turns)
+                                 normalize, resize_gray, turn_upright, upright_quarter_turns, views_input)
 from appliance.scoring import open_backend
 from models.platform import cpu_flags, int8_kernel_path
 
@@ -132,8 +132,7 @@ class ModelRuntime:
     def _view_averaged(self, gray: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The frame's patches (first view: the frame as it is, or turned upright) and its rewards
         averaged over self.views, all views in one image-encoder batch."""
-        batch = np.concatenate([normalize(np.ascontiguousarray(view(gray)), self.spec) for view in self.views])
-        patches = self.backend.image_features(batch)
+        patches = self.backend.image_features(views_input(gray, self.spec, self.views))
         return patches[:1], self.backend.rewards(patches, features).mean(axis=0)
 
     def heat_map(self, frame: np.ndarray, ranking: list[tuple[str, float]]) -> np.ndarray | None:

@@ -16,7 +16,9 @@ trained weights, so `linejudge bench` runs on a fresh clone. `torch_models` in t
 Every variant gets the same input: a frame already at the model's size, normalised inside the
 timed call. A camera frame must also be resized first (cv2 INTER_AREA, ~0.12 ms for ELPV's
 300x300 -> 160 here, the same for every variant); the ONNX variants are also timed from a
-300x300 frame at N = 16 (rows with "from_px": 300) so that cost is on record too.
+300x300 frame at N = 16 (rows with "from_px": 300) so that cost is on record too, and as a station
+with `views: upright` or `upright2` judges it (rows with "views": the frame turned upright, or that
+and its half turn in one batch with the rewards averaged: `int8_p50_ms_n16_views`).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "training" / "configs"
 FROM_CONFIG = "config:"      # a torch source that is a training config, not a run directory
 TORCH_SUBDIRS = {"torch-teacher": "multimodal/model", "torch-student": "distill/model"}
 VARIANTS = ("torch-teacher", "torch-student", "onnx-fp32", "onnx-int8")
+STATION_VIEWS = ("upright", "upright2")   # appliance `views` settings timed besides the frame as it is
 
 
 def _texts(n: int) -> list[str]:
@@ -105,7 +108,7 @@ CAMERA_PX = 300   # ELPV's native size: the resize a camera frame needs before t
 
 
 def _onnx_runner(bundle: Path, threads: int, int8: bool):
-    from models.preprocess import PreprocessSpec, TextTokenizer, frame_to_input
+    from models.preprocess import VIEWS, PreprocessSpec, TextTokenizer, frame_to_input, resize_gray, views_input
     from appliance.scoring.onnx_backend import OnnxBackend
     manifest = json.loads((bundle / "manifest.json").read_text())
     spec = PreprocessSpec.from_dict(manifest["preprocessing"])
@@ -113,14 +116,18 @@ def _onnx_runner(bundle: Path, threads: int, int8: bool):
     tokenizer = TextTokenizer(bundle / "tokenizer.json", spec.max_tokens)
     model_frame = np.random.default_rng(0).integers(0, 255, (spec.image_size, spec.image_size), np.uint8)
 
-    def make(n, frame=model_frame):
+    def make(n, frame=model_frame, views="one"):
         features = backend.text_features(*tokenizer.encode(_texts(n)))   # cached, as the catalog is
 
         def run():
             return backend.rewards(backend.image_features(frame_to_input(frame, spec)), features)
-        return run
+
+        def run_views():      # the appliance's views setting: every view in one batch, rewards averaged
+            patches = backend.image_features(views_input(resize_gray(frame, spec.image_size), spec, VIEWS[views]))
+            return backend.rewards(patches, features).mean(axis=0)
+        return run if views == "one" else run_views
     image_only = lambda: backend.image_features(frame_to_input(model_frame, spec))  # noqa: E731
-    return make, image_only, backend.provider
+    return make, image_only, backend
 
 
 def _timed_row(fn, frames: int, min_seconds: float = 1.0, **keys) -> dict:
@@ -135,8 +142,8 @@ def measure_variant(variant: str, torch_source: str, bundle: Path, frames: int, 
         if variant.startswith("torch"):
             make, about = _torch_runner(variant, torch_source, threads)
         else:
-            make, image_only, provider = _onnx_runner(bundle, threads, int8=variant == "onnx-int8")
-            about = {"provider": provider}
+            make, image_only, backend = _onnx_runner(bundle, threads, int8=variant == "onnx-int8")
+            about = {"provider": backend.provider}
         row = dict(variant=variant, threads=threads)
         rows += [_timed_row(make(n), frames, min_seconds, **row, candidates=n) for n in CANDIDATES]
         if not variant.startswith("torch"):
@@ -144,6 +151,8 @@ def measure_variant(variant: str, torch_source: str, bundle: Path, frames: int, 
             rows.append(_timed_row(make(16, camera_frame), frames, min_seconds, **row, candidates=16,
                                    from_px=CAMERA_PX))
             rows.append(_timed_row(image_only, frames, min_seconds, **row, candidates=0, image_encoder_only=True))
+            rows += [_timed_row(make(16, views=v), frames, min_seconds, **row, candidates=16, views=v)
+                     for v in STATION_VIEWS]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"rows": rows, "peak_rss_mb": peak_mb, **about}
 
@@ -155,9 +164,9 @@ def _size_mb(paths) -> float:
 def summarize(results: dict, run_dir: Path | None, bundle: Path) -> dict:
     """The flat figures of one run of every variant. run_dir None: the torch models were built
     from a config, so their size is that of their weights in memory (fp32, as saved)."""
-    def p50(variant, n, threads, from_px=None):
-        return next(r["p50_ms"] for r in results[variant]["rows"] if r["candidates"] == n and
-                    r["threads"] == threads and not r.get("image_encoder_only") and r.get("from_px") == from_px)
+    def p50(variant, n, threads, from_px=None, views=None):
+        return next(r["p50_ms"] for r in results[variant]["rows"] if r["candidates"] == n and r["threads"] == threads
+                    and not r.get("image_encoder_only") and r.get("from_px") == from_px and r.get("views") == views)
     all_threads = os.cpu_count() or 1
     image_ms = next(r["p50_ms"] for r in results["onnx-int8"]["rows"]
                     if r.get("image_encoder_only") and r["threads"] == all_threads)
@@ -170,6 +179,10 @@ def summarize(results: dict, run_dir: Path | None, bundle: Path) -> dict:
                                                 / p50("onnx-int8", 16, all_threads, CAMERA_PX)),
         "per_candidate_cost_ratio": per_candidate / image_ms,
         "int8_p50_ms_n16": p50("onnx-int8", 16, all_threads),
+        "int8_p50_ms_n16_single_thread": p50("onnx-int8", 16, 1),
+        # a station that averages views (appliance config `views`) pays an image pass per view
+        "int8_p50_ms_n16_views": {v: {"single_thread": p50("onnx-int8", 16, 1, views=v),
+                                      "all_threads": p50("onnx-int8", 16, all_threads, views=v)} for v in STATION_VIEWS},
         "threads_all": all_threads,
         "size_mb": {**{v: (_size_mb([run_dir / sub / "model.safetensors"]) if run_dir is not None
                            else results[v].get("weights_mb")) for v, sub in TORCH_SUBDIRS.items() if v in results},
@@ -189,8 +202,12 @@ def plot(summary: dict, path: Path) -> None:
     for ax, threads in zip(axes, (1, summary["threads_all"])):
         for variant in VARIANTS:
             rows = [r for r in summary["rows"] if r["variant"] == variant and r["threads"] == threads
-                    and not r.get("image_encoder_only") and not r.get("from_px")]
+                    and not r.get("image_encoder_only") and not r.get("from_px") and not r.get("views")]
             ax.plot([r["candidates"] for r in rows], [r["p50_ms"] for r in rows], "o-", label=variant)
+        for r in summary["rows"]:
+            if r["variant"] == "onnx-int8" and r["threads"] == threads and r.get("views") == "upright2":
+                ax.plot([r["candidates"]], [r["p50_ms"]], "s", color="black", label="onnx-int8, views upright2")
+        ax.axhline(8.0, color="grey", linestyle=":", label="budget 8 ms (INT8, N = 16, one thread)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("candidates per frame")

@@ -149,6 +149,12 @@ def frame_to_input(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return normalize(resize_gray(frame, spec.image_size), spec)
 
 
+def views_input(gray: np.ndarray, spec: PreprocessSpec, views=VIEWS["one"]) -> np.ndarray:
+    """A (S,S) uint8 frame at the model's size -> the image encoder's batch of its views (a tuple
+    of VIEWS), normalised: every view in one call, as the appliance judges a frame."""
+    return np.concatenate([normalize(np.ascontiguousarray(view(gray)), spec) for view in views])
+
+
 def blank_input(spec: PreprocessSpec) -> np.ndarray:
     """A featureless mid-gray frame: what the text-only proxy sees (with a white point every flat
     frame brighter than white_point / MAX_EXPOSURE_GAIN becomes that white point)."""

@@ -37,6 +37,9 @@ def test_bench_without_a_run_times_models_built_from_the_bundles_training_config
     for key in ("int8_vs_teacher_speedup_n16", "int8_vs_fp32_speedup_n16", "per_candidate_cost_ratio"):
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
     assert summary["int8_vs_teacher_speedup_n16"] > 0 and summary["int8_vs_fp32_speedup_n16"] > 0
+    # a station's views setting is timed too (what `views: upright2` in its config costs)
+    assert set(summary["int8_p50_ms_n16_views"]) == {"upright", "upright2"}
+    assert all(ms > 0 for v in summary["int8_p50_ms_n16_views"].values() for ms in v.values())
     assert summary["torch_models"] == ("built from training/configs/tiny.yaml model configs, "
                                        "random weights (timing only)")
     assert summary["torch_model_details"]["torch-teacher"]["image_size"] == 64      # tiny.yaml's
