@@ -46,6 +46,7 @@ WHAT_CHANGED = {   # experiment folder -> what it changed against the shipped re
     "full-minilm-eval": "the shipped recipe, teacher's frozen MiniLM without dropout (fix)",
     "full-v2": "the v2 recipe (shipped until bundle v3): 160x160, no level head",
     "full-v4-phrasings": "half the ELPV training texts composed from the facts (on an AVX2-only CPU)",
+    "full-v3-avx2": "the v3 recipe rerun on an AVX2-only CPU beside full-v4-phrasings (same text stage)",
 }
 
 

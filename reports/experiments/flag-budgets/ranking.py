@@ -1,0 +1,68 @@
+"""How well a bundle's flag score ranks the missed defective cells (issue 18, escapes).
+
+Among the test cells the bundle calls defect-free (top catalog entry), the AUC of each candidate
+flag score for "really defective" (level >= 2/3): p_defect (the softmax mass of the defect
+entries: what the possible-defect flag reads), P(level >= 1/3) and the expected level. Then, for
+each flag budget, the score's threshold chosen on val (fewest escapes within the budget, flags
+only on called-defect-free cells) and what it does on test.
+
+    .venv/bin/python reports/experiments/flag-budgets/ranking.py models/bundles/el-solar-default upright2
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from appliance.scoring.onnx_backend import OnnxBackend
+from export.decide_stats import catalog_outputs
+from models.catalog import load_catalog
+from models.preprocess import PreprocessSpec, TextTokenizer
+from training.metrics import eval_sets
+
+
+def outputs(bundle: Path, views: str, split: str):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    spec = PreprocessSpec.from_dict(manifest["preprocessing"])
+    tokenizer = TextTokenizer(bundle / "tokenizer.json", spec.max_tokens)
+    data, _ = eval_sets(split, spec.image_size)
+    _, rewards, _ = catalog_outputs(OnnxBackend(bundle, int8=True), tokenizer, spec, data.images,
+                                    load_catalog(bundle / "catalog.yaml"), views)
+    p = np.exp(rewards - rewards.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True), rewards.argmax(1), np.asarray(data.levels) >= 2
+
+
+def main(bundle: Path, views: str) -> None:
+    catalog = load_catalog(bundle / "catalog.yaml")
+    level = np.array([round(e.facts["level"] * 3) for e in catalog.entries])
+    defective = np.array(catalog.defective, bool)
+    scores = {"p_defect": lambda p: p[:, defective].sum(1), "P(level >= 1/3)": lambda p: p[:, level >= 1].sum(1),
+              "expected level": lambda p: (p * level).sum(1)}
+    split = {s: outputs(bundle, views, s) for s in ("val", "test")}
+    for name, score in scores.items():
+        p, top, truth = split["test"]
+        called_ok = ~defective[top]
+        s, y = score(p)[called_ok], truth[called_ok]
+        auc = (s[y][:, None] > s[~y][None]).mean() + 0.5 * (s[y][:, None] == s[~y][None]).mean()
+        rows = []
+        for budget in (0.15, 0.20, 0.25, 0.30):
+            t = _threshold(score, *split["val"], defective, budget)
+            flagged = ~defective[top] & (score(p) >= t)
+            escapes = (truth & ~defective[top] & ~flagged).sum() / truth.sum()
+            rows.append(f"{budget:.2f}: {flagged.mean():.3f} flagged, {escapes:.3f} escape")
+        print(f"{name:16s} AUC {auc:.3f} ({y.sum()} missed of {truth.sum()} defective) | " + " | ".join(rows))
+
+
+def _threshold(score, p, top, truth, defective, budget: float) -> float:
+    s, called_ok = score(p), ~defective[top]
+    best = None
+    for t in np.unique(s[called_ok]):
+        flagged = called_ok & (s >= t)
+        if flagged.mean() <= budget:
+            key = ((truth & called_ok & ~flagged).sum(), flagged.sum())
+            best = min(best, (key, t)) if best else (key, t)
+    return best[1]
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "one")
