@@ -70,15 +70,17 @@ def manifest_thresholds(manifest: dict, views: str = "one", flag_budget: float |
     chosen = thresholds.get("by_views", {}).get(views, thresholds)
     if flag_budget is None:
         return chosen
-    budgets = chosen.get("budgets")
-    if not budgets:
+    if "budgets" not in chosen:
         raise ModelError(f"bundle v{manifest.get('version')} carries no thresholds per flag budget (exported "
                          f"before flag budgets existed): remove flag_budget from the config, or re-derive its "
                          f"thresholds with `linejudge bundle recalibrate` at HQ")
+    budgets = chosen["budgets"]
     picked = budgets.get(budget_key(flag_budget))
     if picked is None:
-        raise ModelError(f"bundle v{manifest.get('version')} has no thresholds for flag_budget {flag_budget}; "
-                         f"it has {', '.join(sorted(budgets))}")
+        offered = f"choose one of {', '.join(sorted(budgets))}" if budgets else "remove flag_budget from the config"
+        raise ModelError(f"bundle v{manifest.get('version')} has no thresholds for flag_budget {flag_budget}: on val "
+                         f"its other flag reasons (unusual frame, image barely matters) alone flag more than that "
+                         f"share; {offered}")
     return {**chosen, "p_best": picked["p_best"], "p_defect": picked["p_defect"]}
 
 

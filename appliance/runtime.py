@@ -72,6 +72,7 @@ class ModelRuntime:
         self._free_text: dict[str, np.ndarray] = {}   # free-text features, bounded cache
         self._blank_rewards: dict[tuple[str, ...], np.ndarray] = {}
         self.golden: GoldenReport | None = None       # set by open_checked_runtime
+        self.views_name = views
         self.views = VIEWS[views]                     # the frame's views whose rewards are averaged
 
     def is_defective(self, verdict: str) -> bool | None:
@@ -132,7 +133,7 @@ class ModelRuntime:
     def _view_averaged(self, gray: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The frame's patches (first view: the frame as it is, or turned upright) and its rewards
         averaged over self.views, all views in one image-encoder batch."""
-        patches = self.backend.image_features(views_input(gray, self.spec, self.views))
+        patches = self.backend.image_features(views_input(gray, self.spec, self.views_name))
         return patches[:1], self.backend.rewards(patches, features).mean(axis=0)
 
     def heat_map(self, frame: np.ndarray, ranking: list[tuple[str, float]]) -> np.ndarray | None:

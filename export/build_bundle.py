@@ -284,8 +284,9 @@ def _quantize(out: Path, spec, tokenizer, catalog, opts: ExportOptions) -> tuple
     return graphs, {"format": quantize.WEIGHT_FORMAT, "calibration": opts.calibration,
                     "calibration_frames": len(image_feeds), "kept_fp32": list(opts.keep_fp32),
                     # a prefix matches in both graphs ("/blocks.0/": EfficientNet block 0 and the
-                    # scorer's fusion block): what each graph really kept, counted
-                    "kept_fp32_nodes": {"image_encoder": len(image_keep), "scorer": sorted(scorer_keep)},
+                    # scorer's fusion block): the weighted nodes each graph really kept in fp32
+                    "kept_fp32_nodes": {"image_encoder": quantize.weighted_nodes(image, image_keep),
+                                        "scorer": quantize.weighted_nodes(scorer, scorer_keep)},
                     "int16_pair_check": checks}
 
 

@@ -56,8 +56,9 @@ def _thresholds(patches, rewards, blank, ood: dict, val, catalog) -> dict:
                   if (confidence >= p_threshold).any() else None}
     other = (distances > thresholds["ood_distance"]) | (reliance < thresholds["image_reliance"])
     chance = np.array([decide.p_defect(r, defective) for r in rewards])
-    thresholds.update(joint_thresholds(confidence, chance, called, truth, other, p_threshold))
-    thresholds["budgets"] = budget_thresholds(confidence, chance, called, truth, other, p_threshold)
+    grid = threshold_grid(confidence, chance, called, truth, other, p_threshold)
+    thresholds.update(joint_thresholds(confidence, chance, called, truth, other, p_threshold, grid=grid))
+    thresholds["budgets"] = budget_thresholds(confidence, chance, called, truth, other, p_threshold, grid=grid)
     return thresholds
 
 
@@ -82,16 +83,17 @@ def flag_outcomes(called: np.ndarray, truth: np.ndarray, flagged: np.ndarray) ->
 
 
 def joint_thresholds(confidence, chance, called, truth, other_flags, p_best_alone: float,
-                     max_flag_rate: float = MAX_FLAG_RATE_WITH_DEFECTS) -> dict:
+                     max_flag_rate: float = MAX_FLAG_RATE_WITH_DEFECTS, grid: dict | None = None) -> dict:
     """Choose `p_defect` and `p_best` together: the fewest defective cells escaping while every
     reason together flags at most `max_flag_rate` of frames (40 %); ties go to fewer flags, then to
     the more accurate unflagged verdicts, then to the higher `p_best`, then to the lower `p_defect`.
     `p_best` never rises above its own calibration, which stays in force for free-text verdicts
     (`p_best_free_text`: no facts, so no possible-defect check). On the shipped bundle a
     possible-defect flag catches a missed defect far more often than a low-confidence one.
-    p_defect None: no possible-defect check (it would catch nothing here); {"p_defect": None}
-    alone when nothing fits."""
-    grid = threshold_grid(confidence, chance, called, truth, other_flags, p_best_alone)
+    p_defect None: the possible-defect check off, chosen where it would add flags and catch
+    nothing (before 2026-12-07 the search had no such option and flagged those frames anyway);
+    {"p_defect": None} alone when nothing fits. `grid`: threshold_grid's, if already made."""
+    grid = grid or threshold_grid(confidence, chance, called, truth, other_flags, p_best_alone)
     best = _best_within(grid, max_flag_rate)
     if best is None:
         return {"p_defect": None}
@@ -101,11 +103,12 @@ def joint_thresholds(confidence, chance, called, truth, other_flags, p_best_alon
             "val_defective_escape_rate": best["defective_escape_rate"]}
 
 
-def budget_thresholds(confidence, chance, called, truth, other_flags, p_best_alone: float) -> dict:
+def budget_thresholds(confidence, chance, called, truth, other_flags, p_best_alone: float,
+                      grid: dict | None = None) -> dict:
     """For each flag budget (decide.FLAG_BUDGETS, keyed "0.25"): the p_best and p_defect that let
-    the fewest defective cells escape on val with at most that share flagged, and what val saw.
-    Budgets the other reasons alone already exceed are left out."""
-    grid = threshold_grid(confidence, chance, called, truth, other_flags, p_best_alone)
+    the fewest defective cells escape on val with at most that share flagged (as joint_thresholds
+    chooses), and what val saw. Budgets the other reasons alone already exceed are left out."""
+    grid = grid or threshold_grid(confidence, chance, called, truth, other_flags, p_best_alone)
     budgets = {}
     for budget in decide.FLAG_BUDGETS:
         best = _best_within(grid, budget)
@@ -119,7 +122,7 @@ def budget_thresholds(confidence, chance, called, truth, other_flags, p_best_alo
 def threshold_grid(confidence, chance, called, truth, other_flags, p_best_alone: float) -> dict:
     """Every candidate pair (p_best up to its own calibration, p_defect at each missed-looking
     frame's chance, or inf: no possible-defect check) with what it does on these frames: arrays
-    of equal length."""
+    of equal length (the flags are held as pairs x frames booleans: about 20 MB at val's 263)."""
     p_bests = np.unique(np.r_[0.5, np.round(confidence[confidence < p_best_alone], 3), p_best_alone])
     p_defects = np.r_[np.unique(np.round(chance[~called], 3)), np.inf]
     pb, pd = (a.ravel() for a in np.meshgrid(p_bests, p_defects, indexing="ij"))

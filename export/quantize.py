@@ -63,12 +63,19 @@ def calibration_stride(n: int, most: int = CALIBRATION_CHUNK) -> int:
 
 
 def head_nodes(scorer_path: Path) -> list[str]:
-    """The scalar head's MatMul/Gemm/Add nodes after the last LayerNorm: kept in fp32."""
+    """The MatMul/Gemm/Add nodes after the scorer's last LayerNorm (in node order), kept in fp32:
+    in a model with level heads that is the image level head, not the reward head."""
     graph = onnx.load(str(scorer_path)).graph
     names = [n.name for n in graph.node]
     kinds = [n.op_type for n in graph.node]
     last_norm = max((i for i, k in enumerate(kinds) if k in ("LayerNormalization", "ReduceMean")), default=0)
     return [names[i] for i in range(last_norm, len(names)) if kinds[i] in ("MatMul", "Gemm", "Add")]
+
+
+def weighted_nodes(model_path: Path, names: list[str]) -> list[str]:
+    """Of `names`, the nodes INT8 would quantize (Conv, MatMul, Gemm), sorted."""
+    kinds = {n.name: n.op_type for n in onnx.load(str(model_path)).graph.node}
+    return sorted(n for n in set(names) if kinds.get(n) in ("Conv", "MatMul", "Gemm"))
 
 
 def node_names(model_path: Path) -> list[str]:

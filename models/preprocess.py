@@ -149,10 +149,11 @@ def frame_to_input(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return normalize(resize_gray(frame, spec.image_size), spec)
 
 
-def views_input(gray: np.ndarray, spec: PreprocessSpec, views=VIEWS["one"]) -> np.ndarray:
-    """A (S,S) uint8 frame at the model's size -> the image encoder's batch of its views (a tuple
-    of VIEWS), normalised: every view in one call, as the appliance judges a frame."""
-    return np.concatenate([normalize(np.ascontiguousarray(view(gray)), spec) for view in views])
+def views_input(gray: np.ndarray, spec: PreprocessSpec, views: str = "one") -> np.ndarray:
+    """A (S,S) uint8 frame at the model's size -> the image encoder's batch of its views (a VIEWS
+    name, as the appliance config's `views`), normalised: every view in one call, as the appliance
+    judges a frame."""
+    return np.concatenate([normalize(np.ascontiguousarray(view(gray)), spec) for view in VIEWS[views]])
 
 
 def blank_input(spec: PreprocessSpec) -> np.ndarray:

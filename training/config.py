@@ -104,6 +104,10 @@ class StageConfig:
         _number(where, "fact_loss", self.fact_loss, 0.0, None, 0.5)
         _number(where, "level_loss", self.level_loss, 0.0, None, 0.5)
         _number(where, "level_ordinal", self.level_ordinal, 0.0, None, 1.0)
+        if self.level_ordinal and (self.name == "text" or (self.name != "classify" and not self.level_loss)):
+            raise ConfigError(f"stage {self.name}: level_ordinal adds to the level cross-entropy, which this stage "
+                              f"does not train" + ("; leave it out here" if self.name == "text" else
+                                                   ": set level_loss too, or remove level_ordinal"))
         for key in ("fact_loss", "level_loss"):
             if getattr(self, key) and self.name in ("text", "classify"):
                 raise ConfigError(f"stage {self.name}: {key} is for the multimodal, distill and fleet stages "

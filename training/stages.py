@@ -127,10 +127,13 @@ def ordinal_loss(level_logits: torch.Tensor, levels: torch.Tensor) -> torch.Tens
     """The levels are ordered (0, 1/3, 2/3, 1 probability of a defect): binary cross-entropy of
     P(level >= k) = the softmax mass from k up, for k = 1, 2, 3, so that "2/3 instead of 1" costs
     less than "0 instead of 1"; the k = 2 term is the binary verdict's own loss."""
-    p = level_logits.softmax(-1)
-    at_least = p.flip(-1).cumsum(-1).flip(-1)[:, 1:].clamp(1e-6, 1 - 1e-6)     # (B, 3): P(>=1), P(>=2), P(>=3)
-    target = (levels[:, None] >= torch.arange(1, p.shape[-1], device=levels.device)).float()
-    return F.binary_cross_entropy(at_least, target)
+    total = level_logits.logsumexp(-1)
+    ks = range(1, level_logits.shape[-1])
+    # in log space, so that a confident far miss still has a gradient
+    log_at_least = torch.stack([level_logits[:, k:].logsumexp(-1) for k in ks], -1) - total[:, None]
+    log_below = torch.stack([level_logits[:, :k].logsumexp(-1) for k in ks], -1) - total[:, None]
+    target = (levels[:, None] >= torch.tensor(list(ks), device=levels.device)).float()
+    return -(target * log_at_least + (1 - target) * log_below).mean()
 
 
 def pair_losses(r: torch.Tensor) -> torch.Tensor:

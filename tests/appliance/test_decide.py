@@ -150,7 +150,13 @@ def test_a_flag_budget_takes_the_thresholds_derived_for_it_and_says_when_the_bun
     assert manifest_thresholds(manifest, "upright2")["p_defect"] == 0.2          # no budget: the bundle's point
     t = Thresholds.from_manifest(manifest_thresholds(manifest, "upright2", 0.2), ood_distance=5.0)
     assert (t.p_best, t.p_defect, t.ood_distance) == (0.55, 0.3, 5.0)            # other overrides still apply
-    with pytest.raises(ModelError, match="has no thresholds for flag_budget 0.1; it has 0.20, 0.30"):
+    with pytest.raises(ModelError, match="no thresholds for flag_budget 0.1: .* alone flag more .*one of 0.20, 0.30"):
         manifest_thresholds(manifest, "upright2", 0.1)
+    none_fit = {"version": 4, "thresholds": {**views, "budgets": {}}}
+    with pytest.raises(ModelError, match="alone flag more than that share; remove flag_budget"):
+        manifest_thresholds(none_fit, "one", 0.2)
+    # a budget whose best choice is no possible-defect check at all
+    off = {"version": 4, "thresholds": {**views, "budgets": {"0.20": {**budgets["0.20"], "p_defect": None}}}}
+    assert Thresholds.from_manifest(manifest_thresholds(off, "one", 0.2)).p_defect is None
     with pytest.raises(ModelError, match="no thresholds per flag budget.*remove flag_budget"):
         manifest_thresholds(manifest, "one", 0.2)                                 # a set without budgets

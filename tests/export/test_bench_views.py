@@ -23,4 +23,3 @@ def test_the_timed_views_call_gives_the_evals_view_averaged_rewards():
     _, expected = verify.backend_outputs(backend, tokenizer, spec, cell[None], _texts(16), views="upright2")
     np.testing.assert_allclose(timed, expected[0], atol=1e-4)
     assert not np.allclose(make(16, cell)(), timed, atol=1e-3), "the views setting was not applied"
-

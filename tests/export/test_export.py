@@ -138,13 +138,13 @@ def test_the_manifest_lists_the_scorer_nodes_left_in_float_and_they_are(tiny_bun
     import onnx
     out, _, manifest = tiny_bundle
     kept = manifest["quantization"]["kept_fp32_nodes"]
-    assert kept["image_encoder"] >= 1 and kept["scorer"]                   # the stem; the reward head
-    graph = onnx.load(str(out / "scorer.int8.onnx")).graph
-    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    nodes = {n.name: n for n in graph.node}
-    matmuls = [nodes[name] for name in kept["scorer"] if nodes[name].op_type == "MatMul"]
-    assert matmuls and all(not set(n.input) & dequantized for n in matmuls)
-    assert any(set(n.input) & dequantized for name, n in nodes.items() if n.op_type == "MatMul" and name not in kept["scorer"])
+    for stem in ("image_encoder", "scorer"):          # the stem; the nodes after the last LayerNorm
+        graph = onnx.load(str(out / f"{stem}.int8.onnx")).graph
+        dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        nodes = {n.name: n for n in graph.node}
+        assert kept[stem] and all(nodes[name].input[1] not in dequantized for name in kept[stem]), stem  # float weights
+        assert any(n.input[1] in dequantized for name, n in nodes.items()
+                   if n.op_type in ("Conv", "MatMul") and name not in kept[stem]), stem
 
 
 def test_calibration_runs_in_chunks_that_divide_the_frames():
@@ -202,6 +202,37 @@ def test_joint_thresholds_catch_the_most_missed_defects_within_the_flag_budget()
     assert t["val_accuracy_unflagged_all_reasons"] == 1.0
     everything_flagged = joint_thresholds(confidence, chance, called, truth, np.ones(10, bool), 0.6)
     assert everything_flagged == {"p_defect": None}
+
+
+def _joint_by_loop(confidence, chance, called, truth, other, p_best_alone, budget):
+    """The selection rule written as the plain loop it replaced (plus the check-off option)."""
+    from export.decide_stats import flag_outcomes
+    best = None
+    for p_best in np.unique(np.r_[0.5, np.round(confidence[confidence < p_best_alone], 3), p_best_alone]):
+        for p_defect in np.r_[np.unique(np.round(chance[~called], 3)), np.inf]:
+            flagged = other | (confidence < p_best) | (~called & (chance >= p_defect))
+            o = flag_outcomes(called, truth, flagged)
+            if o["flag_rate"] > budget:
+                continue
+            key = (-o["defective_escape_rate"], -o["flag_rate"], o["unflagged_binary_accuracy"] or 0.0, p_best)
+            if best is None or key > best[0]:
+                best = (key, p_best, None if np.isinf(p_defect) else p_defect)
+    return None if best is None else best[1:]
+
+
+def test_the_threshold_search_chooses_what_the_plain_loop_chooses():
+    from export.decide_stats import joint_thresholds
+    rng = np.random.default_rng(0)
+    for case in range(150):
+        n = int(rng.integers(5, 30))
+        truth, called = rng.random(n) < 0.4, rng.random(n) < 0.35
+        chance, confidence = rng.random(n).round(2), rng.uniform(0.5, 1.0, n).round(2)
+        other = rng.random(n) < rng.choice([0.0, 0.1, 0.5])
+        budget = float(rng.choice([0.1, 0.25, 0.4]))
+        t = joint_thresholds(confidence, chance, called, truth, other, 0.8, max_flag_rate=budget)
+        expected = _joint_by_loop(confidence, chance, called, truth, other, 0.8, budget)
+        got = None if "p_best" not in t else (t["p_best"], t["p_defect"])
+        assert got == expected, (case, got, expected)
 
 
 def test_each_flag_budget_gets_the_thresholds_with_the_fewest_escapes_within_it():
