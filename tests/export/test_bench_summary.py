@@ -19,6 +19,9 @@ def _rows(variant, ms_per_frame, camera_extra):
                          "p50_ms": ms_per_frame + 0.16 + camera_extra})
             rows.append({"variant": variant, "threads": threads, "candidates": 0, "image_encoder_only": True,
                          "p50_ms": ms_per_frame})
+        if variant == "onnx-int8":
+            rows += [{"variant": variant, "threads": threads, "candidates": 16, "views": v,
+                      "p50_ms": k * ms_per_frame + 0.16 + threads} for k, v in ((1, "upright"), (2, "upright2"))]
     return {"rows": rows, "peak_rss_mb": 100.0}
 
 
@@ -30,6 +33,9 @@ def test_speedups_come_from_model_size_frames_and_camera_frames_separately(tmp_p
     assert summary["int8_vs_fp32_speedup_n16_from_300px"] == pytest.approx(2.26 / 1.26)
     assert summary["int8_vs_teacher_speedup_n16"] == pytest.approx(200.16 / 1.16)
     assert summary["per_candidate_cost_ratio"] == pytest.approx(0.01 / 1.0)
+    assert summary["int8_p50_ms_n16"] == pytest.approx(1.16)          # the frame as it is, not a views row
+    assert summary["int8_p50_ms_n16_views"]["upright2"] == {"single_thread": pytest.approx(3.16),
+                                                           "all_threads": pytest.approx(2.16 + ALL)}
 
 
 def test_the_median_run_is_reported_whole_with_every_run_beside_it():
