@@ -322,6 +322,8 @@ def _int8_gate(fp32, int8, tokenizer, spec, val, catalog, opts: ExportOptions, o
             "binary_agreement": float((called_a == called_b).mean()),
             "calibration": opts.calibration, "kept_fp32": list(opts.keep_fp32)}
     gate["binary_drop_points"] = (gate["binary_fp32"] - gate["binary_int8"]) * 100
+    gate["binary_cells"] = {"val": len(a), "right_only_fp32": int(((called_a == truly) & (called_b != truly)).sum()),
+                            "right_only_int8": int(((called_b == truly) & (called_a != truly)).sum())}
     if _gate_fails(gate, opts):
         layers = quantize.diverging_layers(out / "image_encoder.onnx", out / "image_encoder.int8.onnx",
                                            [{"image": normalize(val.images[:4], spec)}])
@@ -329,11 +331,17 @@ def _int8_gate(fp32, int8, tokenizer, spec, val, catalog, opts: ExportOptions, o
         raise ExportGateError(
             f"INT8 fails the gate: pairwise {pa:.4f} -> {pb:.4f} ({gate['pairwise_drop_points']:.2f} points, "
             f"limit {opts.gate_points}), ELPV binary {gate['binary_fp32']:.4f} -> {gate['binary_int8']:.4f} "
-            f"(limit {opts.gate_points} points), binary verdict agreement {gate['binary_agreement']:.4f} "
+            f"(limit {opts.gate_points} points; {_cells(gate['binary_cells'])}), binary verdict agreement {gate['binary_agreement']:.4f} "
             f"(min {opts.gate_binary}), top-1 agreement {top1:.4f} (min {opts.gate_top1}). Most divergent "
             f"tensors: {worst}. Try "
             f"--calibration entropy|percentile or --keep-fp32 <node or prefix/> (e.g. /blocks.0/).")
     return gate
+
+
+def _cells(cells: dict) -> str:
+    """The binary drop as cells: few val cells flip, so a drop of a point can be two or three of them."""
+    return (f"{cells['right_only_fp32']} val cells right only with fp32, {cells['right_only_int8']} only "
+            f"with INT8, of {cells['val']}")
 
 
 def _gate_fails(gate: dict, opts: ExportOptions) -> bool:

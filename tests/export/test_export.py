@@ -50,8 +50,19 @@ def test_thresholds_are_not_baked_into_graphs(tiny_bundle):
 
 def test_failing_int8_gate_names_the_divergent_tensors(tiny_run, tmp_path):
     opts = ExportOptions(val_limit=16, calibration_frames=8, gate_top1=1.01)
-    with pytest.raises(ExportGateError, match="INT8 fails the gate.*Most divergent tensors"):
+    with pytest.raises(ExportGateError, match=r"INT8 fails the gate.*\d+ val cells right only with fp32, \d+ only "
+                                              r"with INT8, of 16\).*Most divergent tensors"):
         checkpoint_to_bundle(tiny_run[0], tmp_path / "b", opts)
+
+
+def test_the_int8_gate_records_the_binary_drop_as_cells(tiny_bundle):
+    """A drop of a point on val is two or three cells: the manifest says which way each flipped."""
+    gate = tiny_bundle[2]["metrics"]["int8_gate"]
+    cells = gate["binary_cells"]
+    assert cells["val"] > 0 and cells["right_only_fp32"] >= 0 and cells["right_only_int8"] >= 0
+    net = (cells["right_only_fp32"] - cells["right_only_int8"]) / cells["val"] * 100
+    assert net == pytest.approx(gate["binary_drop_points"])
+    assert cells["right_only_fp32"] + cells["right_only_int8"] == round((1 - gate["binary_agreement"]) * cells["val"])
 
 
 def test_export_of_an_untrained_run_is_a_clear_error(tmp_path):
