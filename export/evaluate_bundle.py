@@ -85,6 +85,19 @@ def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: in
     return metrics
 
 
+def bundle_catalog_rewards(bundle: Path, split: str, views: str = "one", int8: bool = True,
+                           limit: int | None = None) -> tuple[np.ndarray, object]:
+    """(N, K) rewards of a bundle's graphs against its catalog for each ELPV frame of `split`,
+    judged as a station with that `views` setting judges, and the ELPV set: for scripts that
+    compare bundles frame by frame (reports/experiments)."""
+    bundle = Path(bundle)
+    spec = PreprocessSpec.from_dict(json.loads((bundle / "manifest.json").read_text())["preprocessing"])
+    data, _ = eval_sets(split, spec.image_size, limit)
+    _, rewards, _ = catalog_outputs(OnnxBackend(bundle, int8=int8), TextTokenizer(bundle / "tokenizer.json", spec.max_tokens),
+                                    spec, data.images, load_catalog(bundle / "catalog.yaml"), views)
+    return rewards, data
+
+
 def int8_vs_fp32(int8: tuple, fp32: tuple, metrics: dict) -> dict:
     """How often the INT8 graphs pick what the fp32 ones pick: top-1 over the catalog on the ELPV
     frames (the verdict) and over each synthetic candidate set, reward deltas, pairwise accuracy

@@ -49,3 +49,14 @@ def test_eval_refuses_a_views_setting_the_appliance_does_not_know(tiny_bundle):
     from export.evaluate_bundle import evaluate_bundle
     with pytest.raises(ConfigError, match="views must be one of one, upright, upright2, rot4"):
         evaluate_bundle(tiny_bundle[0], "val", limit=4, views="sideways")
+
+
+def test_bundle_catalog_rewards_are_what_the_appliance_scores():
+    """The frame-by-frame rewards the report scripts compare bundles with (ensemble, flag-budget
+    ranking) are the station's own, for its views setting."""
+    from export.evaluate_bundle import bundle_catalog_rewards
+    runtime = ModelRuntime(BUNDLE, json.loads((BUNDLE / "manifest.json").read_text()), views="upright2")
+    rewards, data = bundle_catalog_rewards(BUNDLE, "val", views="upright2", limit=3)
+    assert rewards.shape == (3, len(runtime.catalog.displays)) and len(data.levels) == 3
+    for frame, row in zip(data.images, rewards):
+        np.testing.assert_allclose(row, runtime.judge(frame).rewards, atol=1e-4)

@@ -16,22 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.scoring.onnx_backend import OnnxBackend
-from export.decide_stats import catalog_outputs
+from export.evaluate_bundle import bundle_catalog_rewards
 from models.catalog import load_catalog
-from models.preprocess import PreprocessSpec, TextTokenizer
-from training.metrics import eval_sets
 
 BUDGETS = (0.15, 0.20, 0.25)
 
 
 def rewards_of(bundle: Path, views: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    spec = PreprocessSpec.from_dict(manifest["preprocessing"])
-    tokenizer = TextTokenizer(bundle / "tokenizer.json", spec.max_tokens)
-    data, _ = eval_sets(split, spec.image_size)
-    _, rewards, _ = catalog_outputs(OnnxBackend(bundle, int8=True), tokenizer, spec, data.images,
-                                    load_catalog(bundle / "catalog.yaml"), views)
+    rewards, data = bundle_catalog_rewards(bundle, split, views)
     return rewards, np.asarray(data.levels)
 
 

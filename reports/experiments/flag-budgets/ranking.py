@@ -8,26 +8,17 @@ only on called-defect-free cells) and what it does on test.
 
     .venv/bin/python reports/experiments/flag-budgets/ranking.py models/bundles/el-solar-default upright2
 """
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from appliance.scoring.onnx_backend import OnnxBackend
-from export.decide_stats import catalog_outputs
+from export.evaluate_bundle import bundle_catalog_rewards
 from models.catalog import load_catalog
-from models.preprocess import PreprocessSpec, TextTokenizer
-from training.metrics import eval_sets
 
 
 def outputs(bundle: Path, views: str, split: str):
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    spec = PreprocessSpec.from_dict(manifest["preprocessing"])
-    tokenizer = TextTokenizer(bundle / "tokenizer.json", spec.max_tokens)
-    data, _ = eval_sets(split, spec.image_size)
-    _, rewards, _ = catalog_outputs(OnnxBackend(bundle, int8=True), tokenizer, spec, data.images,
-                                    load_catalog(bundle / "catalog.yaml"), views)
+    rewards, data = bundle_catalog_rewards(bundle, split, views)
     p = np.exp(rewards - rewards.max(1, keepdims=True))
     return p / p.sum(1, keepdims=True), rewards.argmax(1), np.asarray(data.levels) >= 2
 
