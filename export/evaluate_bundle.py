@@ -32,6 +32,7 @@ from export import verify
 from export.decide_stats import catalog_defective, catalog_outputs, flag_outcomes
 from export.robustness import robustness_metrics
 from models.platform import platform_record
+from training.data.batches import elpv_set
 from training.metrics import check_limit, elpv_metrics, eval_sets, set_metrics
 
 HEADLINE = ("elpv_binary_accuracy", "elpv_level_accuracy", "elpv_pairwise_accuracy",
@@ -87,12 +88,12 @@ def evaluate_bundle(bundle: Path, split: str, limit: int | None = None, seed: in
 
 def bundle_catalog_rewards(bundle: Path, split: str, views: str = "one", int8: bool = True,
                            limit: int | None = None) -> tuple[np.ndarray, object]:
-    """(N, K) rewards of a bundle's graphs against its catalog for each ELPV frame of `split`,
-    judged as a station with that `views` setting judges, and the ELPV set: for scripts that
-    compare bundles frame by frame (reports/experiments)."""
+    """(N, K) rewards of a bundle's graphs against its catalog for each ELPV frame of `split` (the
+    cells evaluate_bundle scores; "train" too), judged as a station with that `views` setting
+    judges, and the ELPV set: for scripts that compare bundles frame by frame (reports/experiments)."""
     bundle = Path(bundle)
     spec = PreprocessSpec.from_dict(json.loads((bundle / "manifest.json").read_text())["preprocessing"])
-    data, _ = eval_sets(split, spec.image_size, limit)
+    data = elpv_set(split, spec.image_size, limit)     # no synthetic sets: they are not scored here
     _, rewards, _ = catalog_outputs(OnnxBackend(bundle, int8=int8), TextTokenizer(bundle / "tokenizer.json", spec.max_tokens),
                                     spec, data.images, load_catalog(bundle / "catalog.yaml"), views)
     return rewards, data

@@ -7,32 +7,24 @@ defect-free and 12 it finds (p_defect printed on each, 300 px as the camera sees
 
     .venv/bin/python reports/experiments/misses/train_fit.py models/bundles/el-solar-default
 """
-import json
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from appliance.scoring.onnx_backend import OnnxBackend
-from export.decide_stats import catalog_outputs
+from export.evaluate_bundle import bundle_catalog_rewards
 from models.catalog import load_catalog
-from models.preprocess import PreprocessSpec, TextTokenizer
 from training.data.batches import elpv_set
 
 HERE = Path(__file__).parent
 
 
 def p_defect(bundle: Path) -> tuple[np.ndarray, object]:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    spec = PreprocessSpec.from_dict(manifest["preprocessing"])
-    catalog = load_catalog(bundle / "catalog.yaml")
-    data = elpv_set("train", spec.image_size)
-    _, rewards, _ = catalog_outputs(OnnxBackend(bundle, int8=True), TextTokenizer(bundle / "tokenizer.json", spec.max_tokens),
-                                    spec, data.images, catalog, "one")
+    rewards, data = bundle_catalog_rewards(bundle, "train")
     p = np.exp(rewards - rewards.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    return p[:, np.array(catalog.defective, bool)].sum(1), data
+    return p[:, np.array(load_catalog(bundle / "catalog.yaml").defective, bool)].sum(1), data
 
 
 def sheet(cells: np.ndarray, p: np.ndarray, images, types, rng) -> np.ndarray:
