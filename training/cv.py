@@ -25,7 +25,8 @@ from models.errors import ConfigError
 from training.config import TrainConfig
 
 CV_FILE = "cv.json"
-FIGURES = ("val_elpv_binary_accuracy", "val_level_head_binary_accuracy", "val_pairwise_accuracy")
+FIGURES = ("val_elpv_binary_accuracy", "val_level_head_binary_accuracy", "val_pairwise_accuracy",
+           "val_level_head_auc", "val_level_head_log_loss")
 
 
 def cross_validate(cfg: TrainConfig, out: str | Path, folds: int = 5, only: int | None = None) -> dict:

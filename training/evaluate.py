@@ -98,12 +98,28 @@ def level_head_probabilities(model: RewardModel, enc: Encoder, images: np.ndarra
     return torch.cat(out).numpy()
 
 
-def level_head_binary_accuracy(model: RewardModel, enc: Encoder, data) -> float:
-    """ELPV binary accuracy of the image level head alone (defective: P(2/3) + P(1) >= 0.5), to
-    tell how much of the classifier's figure the reward's catalog verdict keeps."""
+def level_head_figures(model: RewardModel, enc: Encoder, data) -> dict[str, float]:
+    """The image level head alone on one ELPV set: its binary accuracy (defective: P(2/3) + P(1)
+    >= 0.5), to tell how much of the classifier's figure the reward's catalog verdict keeps; and
+    two figures that move by less than one cell at a time, so that recipes can be told apart on
+    a few hundred cells: the AUC of P(defective) and the mean negative log-likelihood of the
+    true level."""
     p = level_head_probabilities(model, enc, data.images)
-    truth = np.array([elpv.LEVELS[level] >= 0.5 for level in data.levels])
-    return float(((p[:, 2:].sum(1) >= 0.5) == truth).mean())
+    levels = np.asarray(data.levels)
+    truth = np.array([elpv.LEVELS[level] >= 0.5 for level in levels])
+    p_defect = p[:, 2:].sum(1)
+    return {"val_level_head_binary_accuracy": float(((p_defect >= 0.5) == truth).mean()),
+            "val_level_head_auc": defect_auc(p_defect, truth),
+            "val_level_head_log_loss": float(-np.log(np.clip(p[np.arange(len(p)), levels], 1e-7, 1)).mean())}
+
+
+def defect_auc(p_defect: np.ndarray, truth: np.ndarray) -> float:
+    """ROC AUC: the chance that a defective cell gets a higher P(defective) than a functional one
+    (ties count half); nan without both kinds of cell."""
+    pos, neg = p_defect[truth], p_defect[~truth]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
 
 
 # ------------------------------------------------------------------ the whole evaluation

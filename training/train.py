@@ -27,7 +27,7 @@ from training.config import TrainConfig
 from training.data import elpv
 from training.data.batches import CandidateSet, ElpvSet, elpv_set, synthetic_set
 from training.data.text_pairs import train_val_pairs
-from training.evaluate import elpv_binary_accuracy, level_head_binary_accuracy
+from training.evaluate import elpv_binary_accuracy, level_head_figures
 from training.stages import Encoder, run_stage
 
 
@@ -185,7 +185,7 @@ def elpv_val_figures(val_sets, enc: Encoder):
     def figures(model: RewardModel) -> dict:
         out = {"val_elpv_binary_accuracy": elpv_binary_accuracy(model, enc, cells[0])}
         if model.scorer.level_weight:
-            out["val_level_head_binary_accuracy"] = level_head_binary_accuracy(model, enc, cells[0])
+            out.update(level_head_figures(model, enc, cells[0]))
         return out
     return figures
 

@@ -61,6 +61,9 @@ def test_each_fold_trains_on_the_others_and_validates_on_its_own(cv_run):
         assert summary["cv_fold"] == [k, 2]
     values = [f["val_level_head_binary_accuracy"] for f in result["per_fold"]]
     assert result["mean"]["val_level_head_binary_accuracy"] == pytest.approx(sum(values) / 2)
+    losses = [f["val_level_head_log_loss"] for f in result["per_fold"]]   # the figures finer than one cell
+    assert all(loss > 0 for loss in losses) and "val_level_head_auc" in result["per_fold"][0]
+    assert result["mean"]["val_level_head_log_loss"] == pytest.approx(sum(losses) / 2)
     assert json.loads((out / "cv.json").read_text()) == result
 
 
@@ -138,3 +141,14 @@ def test_a_pairing_across_cpus_is_marked_in_the_table(tmp_path, cv_run):
     from models.platform import cpu_flags, cpu_model
     assert summary["platform"]["isa"] == cpu_flags() and summary["platform"]["cpu"] == cpu_model()
     assert result["per_fold"][0]["isa"] == summary["platform"]["isa"]
+
+
+def test_defect_auc_ranks_defective_cells_above_functional_ones():
+    import numpy as np
+    from training.evaluate import defect_auc
+    truth = np.array([True, True, False, False])
+    assert defect_auc(np.array([0.9, 0.8, 0.2, 0.1]), truth) == 1.0
+    assert defect_auc(np.array([0.1, 0.2, 0.8, 0.9]), truth) == 0.0
+    assert defect_auc(np.array([0.9, 0.3, 0.5, 0.1]), truth) == 0.75   # one of four pairs out of order
+    assert defect_auc(np.full(4, 0.5), truth) == 0.5                    # ties count half
+    assert np.isnan(defect_auc(np.array([0.9, 0.8]), np.array([True, True])))
