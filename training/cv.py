@@ -68,11 +68,14 @@ def summarize(name: str, config_hash: str, out: Path, folds: int) -> dict:
 
 
 def final_figures(summary: dict) -> dict:
-    """The validation figures of the kept epoch of a run's last stage (what the run hands on),
-    and its training minutes."""
+    """The validation figures of the kept epoch of a run's last stage (what the run hands on), its
+    training minutes, and under "last_epoch" the figures of the stage's last epoch: the kept epoch
+    is chosen on these very cells, so a longer stage has more chances at a lucky one."""
     last = summary["stages"][-1]
+    final = last["history"][-1] if last.get("history") else {}
     return {"stage": last["stage"], "best_epoch": last["best_epoch"], "minutes": summary.get("minutes"),
-            "isa": summary.get("platform", {}).get("isa"), **{k: last[k] for k in FIGURES if k in last}}
+            "isa": summary.get("platform", {}).get("isa"), **{k: last[k] for k in FIGURES if k in last},
+            "last_epoch": {"epoch": final.get("epoch"), **{k: final[k] for k in FIGURES if k in final}}}
 
 
 def ablation(cv_dirs: list[Path], out: Path) -> tuple[Path, Path]:

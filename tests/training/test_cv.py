@@ -64,6 +64,8 @@ def test_each_fold_trains_on_the_others_and_validates_on_its_own(cv_run):
     losses = [f["val_level_head_log_loss"] for f in result["per_fold"]]   # the figures finer than one cell
     assert all(loss > 0 for loss in losses) and "val_level_head_auc" in result["per_fold"][0]
     assert result["mean"]["val_level_head_log_loss"] == pytest.approx(sum(losses) / 2)
+    last = result["per_fold"][0]["last_epoch"]       # one epoch: the last epoch is the kept one
+    assert last["epoch"] == 1 and last["val_level_head_log_loss"] == result["per_fold"][0]["val_level_head_log_loss"]
     assert json.loads((out / "cv.json").read_text()) == result
 
 
