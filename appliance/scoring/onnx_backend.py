@@ -13,6 +13,15 @@ INT8_SUFFIX = ".int8.onnx"
 # The scorer is ~70 small ops: one thread is as fast as two up to 64 candidates
 # (reports/measurements.md), so it never waits on a thread pool.
 SCORER_THREADS = 1
+# onnxruntime (1.20 on) quantizes, at session start, the weights of a float Conv/Gemm that sits
+# between a DequantizeLinear and a QuantizeLinear: symmetric, per tensor, 8 bits. A layer that
+# export keeps in fp32 in the middle of the INT8 graph (--keep-fp32) would run INT8 after all,
+# coarser than export's own 7-bit per-channel weights, and with 8-bit weights that can overflow
+# int16 on CPUs without VNNI, which export's saturation check (on the saved graph) never sees. With every
+# fp32 depthwise conv of v3, the image features' SNR to fp32 was 17.9 dB with the pass, 24.1 without
+# (reports/experiments/int8-depthwise/). Graphs without such a layer (the shipped bundles) give
+# bit-identical answers either way; an onnxruntime without the pass ignores the name.
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 
 
 def provider_options(name: str, cache_dir: Path) -> tuple[str, dict]:
@@ -34,6 +43,12 @@ def _session_options(ort, threads: int | None):
     # spinning pool starves them (pipeline bench on 2 cores: 132 -> 246 frames/s).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
+
+
+def inference_session(ort, path: Path, opts, providers: list[str], options: list[dict] | None = None):
+    """The one place a bundle graph becomes an onnxruntime session: the graph runs as saved."""
+    return ort.InferenceSession(str(path), opts, providers=providers, provider_options=options,
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
 
 
 def graph_path(bundle_dir: Path, stem: str, int8: bool) -> Path:
@@ -63,7 +78,7 @@ class OnnxBackend:
             if not path.exists():
                 raise ModelError(f"bundle {self.bundle_dir} has no {path.name}; re-export it")
             opts = _session_options(ort, SCORER_THREADS if stem == "scorer" else threads)
-            self.sessions[stem] = ort.InferenceSession(str(path), opts, providers=names, provider_options=options)
+            self.sessions[stem] = inference_session(ort, path, opts, names, options)
         self.provider = self.sessions["image_encoder"].get_providers()[0]
         if self.provider != wanted[0][0] and not allow_fallback:
             raise ModelError(f"asked for {wanted[0][0]} but ONNX Runtime runs {self.provider}")

@@ -87,6 +87,47 @@ def test_eight_bit_weights_fail_the_check_and_export_refuses_them(tmp_path):
         _saturation_checked(target)
 
 
+def _chain_model(path: Path) -> Path:
+    """x -> conv a -> conv b -> conv c; b's output channels differ in scale by 1000x, so that one
+    scale for all of b's weights (per tensor) rounds its small channel to nothing."""
+    rng = np.random.default_rng(2)
+    wb = rng.normal(size=(4, 4, 3, 3)).astype(np.float32)
+    wb[0] *= 1e-3
+    weights = {"wa": rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "wb": wb,
+               "wc": rng.normal(size=(4, 4, 3, 3)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", [i, w], [o], name=n, pads=[1, 1, 1, 1])
+             for n, i, w, o in (("a", "x", "wa", "ha"), ("b", "ha", "wb", "hb"), ("c", "hb", "wc", "y"))]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_layer_kept_fp32_inside_the_int8_graph_runs_in_fp32(tmp_path):
+    """onnxruntime would quantize a float conv between DQ and Q itself (per tensor, 8 bits) at
+    session start; the backend's sessions run the graph as saved, as its QDQ nodes say."""
+    import onnxruntime as ort
+    from appliance.scoring.onnx_backend import inference_session
+    int8 = quantize.onnx_to_int8(_chain_model(tmp_path / "chain.onnx"), tmp_path / "chain.int8.onnx",
+                                 _feeds(4), keep_fp32=["b"])
+    assert quantize.int16_pair_check(int8)["ops_with_int8_weights"] == 2     # saved with a, c INT8 and b fp32
+    feed = _feeds(4)[0]
+
+    def run(**kwargs):
+        opts = ort.SessionOptions()
+        if kwargs.pop("as_saved", False):
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = kwargs.pop("session", None) or ort.InferenceSession(str(int8), opts, providers=["CPUExecutionProvider"])
+        return session.run(None, feed)[0]
+
+    as_saved = run(as_saved=True)          # every QDQ node executed literally: b's weights in fp32
+    ours = run(session=inference_session(ort, int8, ort.SessionOptions(), ["CPUExecutionProvider"]))
+    np.testing.assert_allclose(ours, as_saved, rtol=1e-4, atol=1e-4 * np.abs(as_saved).max())
+    plain = run()                          # onnxruntime's defaults: b quantized behind our back
+    assert np.abs(plain - as_saved).max() > 100 * np.abs(ours - as_saved).max()
+
+
 # ------------------------------------------------------------ an emulated AVX2-only CPU
 
 HOST_IS_AVX2_ONLY = platform.machine() == "x86_64" and "avx2" in cpu_flags() and not has_vnni(cpu_flags())
