@@ -46,8 +46,9 @@ def main(cv_root: Path) -> None:
             d = paired(short, long, key, last)
             better = int((d < 0).sum() if "log_loss" in key else (d > 0).sum())
             scale = 1 if "log_loss" in key or "auc" in key else 100
-            print(f"| {label} | {'last' if last else 'kept'} | {' '.join(f'{x * scale:+.3f}' for x in d)} | "
-                  f"{d.mean() * scale:+.3f} | {better} of {len(d)} |")
+            digits = 4 if scale == 1 else 2
+            print(f"| {label} | {'last' if last else 'kept'} | {' '.join(f'{x * scale:+.{digits}f}' for x in d)} | "
+                  f"{d.mean() * scale:+.{digits}f} | {better} of {len(d)} |")
     print("\nAccuracies in points, AUC and log-loss as they are (lower log-loss is better).")
     for name, runs in ((SHORT, short), (LONG, long)):
         print(f"\n{name}: " + ", ".join(f"fold {k}: {runs[k]['minutes']} min, kept epoch {runs[k]['best_epoch']}"
