@@ -17,7 +17,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from training.cv import final_figures  # noqa: E402
+from training.cv import final_figures, paired_difference  # noqa: E402
 
 SHORT, LONG = "classify-224-10ep", "classify-224-20ep"
 FIGURES = {"val_level_head_auc": "level head AUC", "val_level_head_log_loss": "level head log-loss",
@@ -32,8 +32,11 @@ def folds(cv_dir: Path) -> dict[int, dict]:
 
 
 def paired(short: dict, long: dict, key: str, last: bool) -> np.ndarray:
-    pick = (lambda f: f["last_epoch"][key]) if last else (lambda f: f[key])
-    return np.array([pick(long[k]) - pick(short[k]) for k in sorted(short.keys() & long.keys())])
+    """long minus short, fold by fold, on the folds both have (training.cv.paired_difference)."""
+    def as_cv(runs: dict) -> dict:
+        return {"folds": 5, "per_fold": [{"fold": k, key: (runs[k]["last_epoch"] if last else runs[k]).get(key)}
+                                         for k in sorted(short.keys() & long.keys())]}
+    return np.array(paired_difference(as_cv(long), as_cv(short), key)["per_fold"])
 
 
 def main(cv_root: Path) -> None:

@@ -112,19 +112,13 @@ def test_a_layer_kept_fp32_inside_the_int8_graph_runs_in_fp32(tmp_path):
     int8 = quantize.onnx_to_int8(_chain_model(tmp_path / "chain.onnx"), tmp_path / "chain.int8.onnx",
                                  _feeds(4), keep_fp32=["b"])
     assert quantize.int16_pair_check(int8)["ops_with_int8_weights"] == 2     # saved with a, c INT8 and b fp32
-    feed = _feeds(4)[0]
-
-    def run(**kwargs):
-        opts = ort.SessionOptions()
-        if kwargs.pop("as_saved", False):
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = kwargs.pop("session", None) or ort.InferenceSession(str(int8), opts, providers=["CPUExecutionProvider"])
-        return session.run(None, feed)[0]
-
-    as_saved = run(as_saved=True)          # every QDQ node executed literally: b's weights in fp32
-    ours = run(session=inference_session(ort, int8, ort.SessionOptions(), ["CPUExecutionProvider"]))
+    feed, cpu = _feeds(4)[0], ["CPUExecutionProvider"]
+    literal = ort.SessionOptions()
+    literal.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_saved = ort.InferenceSession(str(int8), literal, providers=cpu).run(None, feed)[0]  # b's weights fp32
+    ours = inference_session(ort, int8, ort.SessionOptions(), cpu).run(None, feed)[0]
     np.testing.assert_allclose(ours, as_saved, rtol=1e-4, atol=1e-4 * np.abs(as_saved).max())
-    plain = run()                          # onnxruntime's defaults: b quantized behind our back
+    plain = ort.InferenceSession(str(int8), providers=cpu).run(None, feed)[0]   # defaults: b quantized behind our back
     assert np.abs(plain - as_saved).max() > 100 * np.abs(ours - as_saved).max()
 
 

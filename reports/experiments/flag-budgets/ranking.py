@@ -15,6 +15,7 @@ import numpy as np
 
 from export.evaluate_bundle import bundle_catalog_rewards
 from models.catalog import load_catalog
+from training.evaluate import defect_auc
 
 
 def outputs(bundle: Path, views: str, split: str):
@@ -34,7 +35,7 @@ def main(bundle: Path, views: str) -> None:
         p, top, truth = split["test"]
         called_ok = ~defective[top]
         s, y = score(p)[called_ok], truth[called_ok]
-        auc = (s[y][:, None] > s[~y][None]).mean() + 0.5 * (s[y][:, None] == s[~y][None]).mean()
+        auc = defect_auc(s, y)
         rows = []
         for budget in (0.15, 0.20, 0.25, 0.30):
             t = _threshold(score, *split["val"], defective, budget)
